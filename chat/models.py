@@ -1,0 +1,1 @@
+"""Tenant-schema chat models (bots, conversations, messages) — added with the chat engine."""

@@ -1,0 +1,298 @@
+"""Parley settings: one module, configured from environment variables (12-factor).
+
+Every variable is documented in the README. ``PARLEY_ENV`` selects the small per-environment
+differences (development, test, production). When ``DATABASE_URL`` / ``REDIS_URL`` are unset the
+embedded PostgreSQL (pgserver) and a local redis-server are used.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+ENVIRONMENT = env.str("PARLEY_ENV", default="development")
+if ENVIRONMENT not in {"development", "test", "production"}:
+    raise ValueError(f"PARLEY_ENV must be development, test or production, not {ENVIRONMENT!r}")
+IS_PRODUCTION = ENVIRONMENT == "production"
+IS_TEST = ENVIRONMENT == "test"
+
+DEBUG = env.bool("DJANGO_DEBUG", default=ENVIRONMENT == "development")
+if IS_PRODUCTION:
+    SECRET_KEY = env.str("DJANGO_SECRET_KEY")
+else:
+    # Development and test only: a fixed key is fine because nothing real is signed with it.
+    SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="parley-insecure-development-key-do-not-use-in-production")
+
+PARLEY_BASE_DOMAIN = env.str("PARLEY_BASE_DOMAIN", default="localhost")
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=[PARLEY_BASE_DOMAIN, f".{PARLEY_BASE_DOMAIN}", "127.0.0.1"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+PARLEY_PUBLIC_URL = env.str("PARLEY_PUBLIC_URL", default="http://localhost:8000")
+
+# --- applications -------------------------------------------------------------------------------
+
+SHARED_APPS = [
+    "django_tenants",
+    "tenants",
+    "billing",
+    "daphne",
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.admin",
+    "django.contrib.staticfiles",
+    "django_prometheus",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "axes",
+    "django_structlog",
+]
+TENANT_APPS = [
+    "django.contrib.contenttypes",
+    "oauth2_provider",
+    "chat",
+    "knowledge",
+]
+INSTALLED_APPS = list(SHARED_APPS) + [app for app in TENANT_APPS if app not in SHARED_APPS]
+
+TENANT_MODEL = "tenants.Tenant"
+TENANT_DOMAIN_MODEL = "tenants.Domain"
+AUTH_USER_MODEL = "tenants.User"
+# New tenant schemas are cloned from this fully-migrated template: constant-time provisioning
+# however many migrations accumulate (see tenants.services.tenant_create).
+TENANT_BASE_SCHEMA = "tenant_template"
+PUBLIC_SCHEMA_URLCONF = "config.urls_public"
+ROOT_URLCONF = "config.urls_tenants"
+SHOW_PUBLIC_IF_NO_TENANT_FOUND = True
+DATABASE_ROUTERS = ["django_tenants.routers.TenantSyncRouter"]
+
+MIDDLEWARE = [
+    "tenants.middleware.HealthCheckMiddleware",
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django_structlog.middlewares.RequestMiddleware",
+    "tenants.middleware.TenantResolutionMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "tenants.middleware.TenantMembershipMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "config.asgi.application"
+
+# --- data stores --------------------------------------------------------------------------------
+
+if env.str("DATABASE_URL", default=""):
+    DATABASES = {"default": env.db_url("DATABASE_URL")}
+else:
+    from config.embedded import ensure_postgres
+
+    _embedded_pg = ensure_postgres()
+    DATABASES = {
+        "default": {"NAME": _embedded_pg.name, "USER": _embedded_pg.user, "HOST": _embedded_pg.host, "PORT": ""}
+    }
+    # pgserver's own pg_dump matches its server version (captures the tenant template's DDL).
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    _default_pg_dump = str(POSTGRES_BIN_PATH / "pg_dump")
+if env.str("DATABASE_URL", default=""):
+    import shutil
+
+    _default_pg_dump = shutil.which("pg_dump") or ""
+PARLEY_PG_DUMP = env.str("PARLEY_PG_DUMP", default=_default_pg_dump)
+DATABASES["default"]["ENGINE"] = "django_tenants.postgresql_backend"
+# django-tenants wraps the real backend; django-prometheus instruments it (both want ENGINE).
+ORIGINAL_BACKEND = "django_prometheus.db.backends.postgresql"
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"].setdefault("TEST", {})["NAME"] = env.str("DATABASE_TEST_NAME", default="parley_test")
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if env.str("REDIS_URL", default=""):
+    REDIS_URL = env.str("REDIS_URL")
+else:
+    from config.embedded import ensure_redis
+
+    REDIS_URL = ensure_redis()
+if IS_TEST:
+    # Tests use their own logical database so they never touch development data.
+    REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/" + env.str("REDIS_TEST_DB", default="9")
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "parley",
+        "TIMEOUT": 300,
+    }
+}
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "parley:channels"},
+    }
+}
+
+# --- Celery -------------------------------------------------------------------------------------
+
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BEAT_SCHEDULE: dict = {}
+
+# --- auth ---------------------------------------------------------------------------------------
+
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+if IS_TEST:
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+# Login throttling: failures counted in Redis (no table), per username+IP.
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+AXES_FAILURE_LIMIT = env.int("PARLEY_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("PARLEY_LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_USERNAME_FORM_FIELD = "username"
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+
+EMAIL_BACKEND = env.str(
+    "DJANGO_EMAIL_BACKEND",
+    default="django.core.mail.backends.smtp.EmailBackend"
+    if IS_PRODUCTION
+    else "django.core.mail.backends.console.EmailBackend",
+)
+DEFAULT_FROM_EMAIL = env.str("DJANGO_DEFAULT_FROM_EMAIL", default="Parley <no-reply@localhost>")
+EMAIL_HOST = env.str("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+
+SIMPLE_JWT = {
+    "ACCESS_TOKEN_LIFETIME": timedelta(minutes=env.int("PARLEY_JWT_ACCESS_MINUTES", default=15)),
+    "REFRESH_TOKEN_LIFETIME": timedelta(days=env.int("PARLEY_JWT_REFRESH_DAYS", default=7)),
+    "SIGNING_KEY": env.str("PARLEY_JWT_SIGNING_KEY", default=SECRET_KEY),
+    "AUTH_HEADER_TYPES": ("Bearer",),
+    "USER_ID_CLAIM": "user_id",
+    "UPDATE_LAST_LOGIN": False,
+}
+
+# OAuth2 provider tables live in each tenant schema: applications and tokens are per tenant.
+OAUTH2_PROVIDER = {
+    "PKCE_REQUIRED": True,
+    "SCOPES": {
+        "chat": "Chat with the tenant's bots",
+        "knowledge:read": "Read knowledge bases",
+        "knowledge:write": "Upload and delete documents",
+        "admin": "Administer the tenant",
+    },
+    "DEFAULT_SCOPES": ["chat"],
+    "ACCESS_TOKEN_EXPIRE_SECONDS": 3600,
+    "ALLOWED_REDIRECT_URI_SCHEMES": ["https"] if IS_PRODUCTION else ["http", "https"],
+}
+
+# Secret mixed into API-key hashes so that a leaked table alone cannot be used offline.
+PARLEY_API_KEY_PEPPER = env.str("PARLEY_API_KEY_PEPPER", default=SECRET_KEY)
+PARLEY_RESOLUTION_CACHE_SECONDS = env.int("PARLEY_RESOLUTION_CACHE_SECONDS", default=300)
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tenants.authentication.ApiKeyAuthentication",
+        "tenants.authentication.TenantJWTAuthentication",
+        "tenants.authentication.TenantOAuth2Authentication",
+        "tenants.authentication.TenantSessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "tenants.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Parley API",
+    "DESCRIPTION": "Multi-tenant LLM chatbot platform. Authenticate with `Authorization: Bearer <API key>`.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Request bodies: JSON endpoints are small; uploads have their own plan-based limit.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("PARLEY_MAX_BODY_BYTES", default=1024 * 1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+# --- security -----------------------------------------------------------------------------------
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = IS_PRODUCTION
+CSRF_COOKIE_SECURE = IS_PRODUCTION
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if IS_PRODUCTION else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+# --- static, i18n -------------------------------------------------------------------------------
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- logging ------------------------------------------------------------------------------------
+
+LOG_FORMAT = env.str("PARLEY_LOG_FORMAT", default="json" if IS_PRODUCTION else "console")
+LOG_LEVEL = env.str("PARLEY_LOG_LEVEL", default="WARNING" if IS_TEST else "INFO")
+from config.logging import build_logging_config  # noqa: E402
+
+LOGGING = build_logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL)
+DJANGO_STRUCTLOG_CELERY_ENABLED = True
+
+PROMETHEUS_EXPORT_MIGRATIONS = False
+
+MEDIA_ROOT = env.path("PARLEY_MEDIA_ROOT", default=BASE_DIR / "var" / "media")

@@ -1,0 +1,16 @@
+"""URL root for the public schema: the operator's Django admin and the API's entry points.
+
+API routes are mounted here too so that a caller with a bad credential on the bare domain gets
+a 401 in the API's error format rather than a 404 page.
+"""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from tenants.urls import api_urlpatterns
+
+urlpatterns = [
+    path("", include("config.urls_common")),
+    path("admin/", admin.site.urls),
+    *api_urlpatterns,
+]

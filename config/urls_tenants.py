@@ -1,0 +1,12 @@
+"""URL root for tenant schemas (tenant hosts, and API-key callers on any host)."""
+
+from django.urls import include, path
+
+from tenants.urls import api_urlpatterns, site_urlpatterns
+
+urlpatterns = [
+    path("", include("config.urls_common")),
+    *api_urlpatterns,
+    path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
+    *site_urlpatterns,
+]

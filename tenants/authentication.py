@@ -1,0 +1,194 @@
+"""DRF authentication for the four kinds of caller, each bound to the request's tenant.
+
+Every class returns ``(user, AuthContext)``; permissions read scopes from the AuthContext, so an
+endpoint checks "may this caller do X in this tenant" the same way whoever the caller is.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.core.cache import cache
+from django.utils import timezone
+from oauth2_provider.contrib.rest_framework import OAuth2Authentication
+from rest_framework.authentication import SessionAuthentication, get_authorization_header
+from rest_framework.request import Request
+from rest_framework_simplejwt.authentication import JWTAuthentication
+from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
+
+from tenants.errors import AuthenticationFailed
+from tenants.models import ApiKey, Membership, Tenant, User
+from tenants.resolution import ApiKeyRecord, api_key_resolve
+from tenants.services import api_key_hash, api_key_parse_prefix
+
+ALL_SCOPES = frozenset(ApiKey.Scope.values)
+ROLE_SCOPES = {
+    Membership.Role.OWNER: ALL_SCOPES,
+    Membership.Role.ADMIN: ALL_SCOPES,
+    Membership.Role.MEMBER: frozenset({ApiKey.Scope.CHAT, ApiKey.Scope.KNOWLEDGE_READ}),
+}
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most once a minute per key
+
+
+@dataclass(frozen=True)
+class AuthContext:
+    kind: str  # "api_key" | "jwt" | "oauth2" | "session"
+    tenant: Tenant
+    scopes: frozenset[str]
+    api_key_id: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ApiKeyUser:
+    """The principal behind an API key: authenticated, but no person."""
+
+    is_authenticated = True
+    is_anonymous = False
+    is_active = True
+    is_staff = False
+    pk = None
+    id = None
+
+    def __init__(self, record: ApiKeyRecord) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return f"api-key:{self.record.prefix}"
+
+
+def _bearer_token(request: Request) -> str | None:
+    header = get_authorization_header(request).split()
+    if len(header) != 2 or header[0].lower() != b"bearer":
+        return None
+    try:
+        return header[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _tenant_of(request: Request) -> Tenant | None:
+    tenant = getattr(request, "tenant", None)
+    if tenant is None or tenant.schema_name == "public":
+        return None
+    return tenant
+
+
+def membership_scopes(user: User, tenant: Tenant) -> frozenset[str] | None:
+    role = Membership.objects.filter(user=user, tenant_id=tenant.pk).values_list("role", flat=True).first()
+    return ROLE_SCOPES.get(role) if role else None
+
+
+class ApiKeyAuthentication:
+    """``Authorization: Bearer prly_…``. Verified against the cached key record (no DB hit)."""
+
+    www_authenticate_realm = "api"
+
+    def authenticate(self, request: Request):
+        raw_key = _bearer_token(request)
+        if raw_key is None:
+            return None
+        prefix = api_key_parse_prefix(raw_key)
+        if prefix is None:
+            return None  # not an API key: let JWT / OAuth2 try
+        record = getattr(request._request, "api_key_record", None) or api_key_resolve(prefix)
+        if record is None or not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+            raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+        tenant = _tenant_of(request)
+        if tenant is None or tenant.pk != record.tenant.pk:
+            raise AuthenticationFailed("This API key does not belong to this tenant.", code="invalid_api_key")
+        if record.is_revoked:
+            raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
+        now = timezone.now()
+        if record.expires_at is not None and record.expires_at <= now:
+            raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
+        self._touch(record, now)
+        context = AuthContext(kind="api_key", tenant=tenant, scopes=frozenset(record.scopes), api_key_id=record.id)
+        return ApiKeyUser(record), context
+
+    @staticmethod
+    def _touch(record: ApiKeyRecord, now) -> None:
+        # One write per key per minute at most, and off the request path.
+        if cache.add(f"apikey:touched:{record.id}", 1, int(LAST_USED_RESOLUTION.total_seconds())):
+            from tenants.tasks import api_key_touch_task
+
+            api_key_touch_task.delay(api_key_id=record.id, used_at=now.isoformat())
+
+    def authenticate_header(self, request: Request) -> str:
+        return f'Bearer realm="{self.www_authenticate_realm}"'
+
+
+class TenantJWTAuthentication(JWTAuthentication):
+    """simplejwt access tokens that carry the tenant: a token of tenant A is refused on tenant B."""
+
+    def authenticate(self, request: Request):
+        raw_token = _bearer_token(request)
+        if raw_token is None or raw_token.startswith("prly_") or raw_token.count(".") != 2:
+            return None
+        try:
+            validated = self.get_validated_token(raw_token.encode())
+        except (InvalidToken, TokenError) as error:
+            raise AuthenticationFailed("Invalid or expired token.", code="invalid_token") from error
+        tenant = _tenant_of(request)
+        if tenant is None or validated.get("tenant") != tenant.schema_name:
+            raise AuthenticationFailed("This token was not issued for this tenant.", code="invalid_token")
+        user = self.get_user(validated)
+        scopes = membership_scopes(user, tenant)
+        if scopes is None:
+            raise AuthenticationFailed("You are not a member of this tenant.", code="invalid_token")
+        return user, AuthContext(kind="jwt", tenant=tenant, scopes=scopes)
+
+
+class TenantOAuth2Authentication(OAuth2Authentication):
+    """django-oauth-toolkit tokens; their tables live in the tenant schema, so a token is only
+    ever found in the tenant that issued it."""
+
+    def authenticate(self, request: Request):
+        raw_token = _bearer_token(request)
+        tenant = _tenant_of(request)
+        if raw_token is None or tenant is None or raw_token.startswith("prly_") or raw_token.count(".") == 2:
+            return None
+        result = super().authenticate(request)
+        if result is None:
+            raise AuthenticationFailed("Invalid or expired OAuth2 token.", code="invalid_token")
+        user, token = result
+        scopes = frozenset(token.scope.split()) & ALL_SCOPES
+        if user is not None:
+            member_scopes = membership_scopes(user, tenant)
+            if member_scopes is None:
+                raise AuthenticationFailed("The token's user is not a member of this tenant.", code="invalid_token")
+            scopes &= member_scopes
+            principal = user
+        else:
+            principal = _ClientPrincipal(token.application.client_id)
+        return principal, AuthContext(kind="oauth2", tenant=tenant, scopes=scopes, extra={"token_id": token.pk})
+
+
+class _ClientPrincipal:
+    """A client-credentials caller: an integration, not a person."""
+
+    is_authenticated = True
+    is_anonymous = False
+    is_active = True
+    is_staff = False
+    pk = None
+    id = None
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+
+
+class TenantSessionAuthentication(SessionAuthentication):
+    """The admin site's session (CSRF enforced), valid only for members of the host's tenant."""
+
+    def authenticate(self, request: Request):
+        result = super().authenticate(request)
+        if result is None:
+            return None
+        user, _ = result
+        tenant = _tenant_of(request)
+        scopes = membership_scopes(user, tenant) if tenant is not None else None
+        if scopes is None:
+            return None
+        return user, AuthContext(kind="session", tenant=tenant, scopes=scopes)

@@ -1,0 +1,65 @@
+"""Tenancy for Channels: resolve the tenant at connect, run every database call inside it.
+
+Channels runs all ``database_sync_to_async`` calls of a process on one shared thread, so a
+consumer that switched the connection's schema and left it switched would leak its tenant into
+the next consumer's query. ``tenant_database_sync_to_async`` sets the schema for exactly one call
+and restores it afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django_tenants.utils import tenant_context
+
+from tenants.models import Tenant
+from tenants.resolution import tenant_resolve_by_host, tenant_resolve_by_public_bot
+
+_BOT_PATH = re.compile(r"^/ws/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
+
+
+def _resolve(scope: dict[str, Any]) -> Tenant | None:
+    headers = dict(scope.get("headers", []))
+    host = headers.get(b"host", b"").decode("latin-1").rsplit(":", 1)[0].lower().removeprefix("www.")
+    tenant = tenant_resolve_by_host(host) if host else None
+    if tenant is None:
+        match = _BOT_PATH.match(scope.get("path", ""))
+        if match:
+            tenant = tenant_resolve_by_public_bot(match.group("public_id"))
+    return tenant
+
+
+class TenantWebsocketMiddleware:
+    """Puts ``scope["tenant"]`` on every WebSocket connection, or refuses it (403 at handshake)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        tenant = await database_sync_to_async(_resolve)(scope)
+        if tenant is None or not tenant.is_active:
+            await receive()  # the websocket.connect event
+            await send({"type": "websocket.close", "code": 4403})
+            return None
+        return await self.inner(dict(scope, tenant=tenant), receive, send)
+
+
+def tenant_database_sync_to_async(func: Callable) -> Callable:
+    """Decorate a consumer's sync method that touches the database: it runs in the thread pool
+    with the connection set to ``self.scope["tenant"]``'s schema for that call only."""
+
+    @functools.wraps(func)
+    async def wrapper(self, *args, **kwargs):
+        tenant = self.scope["tenant"]
+
+        def call():
+            with tenant_context(tenant):
+                return func(self, *args, **kwargs)
+
+        return await database_sync_to_async(call)()
+
+    return wrapper

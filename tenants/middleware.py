@@ -1,0 +1,137 @@
+"""Edge middleware: health probes, tenant resolution, tenant membership of session users.
+
+The tenant is resolved once, here, and handed down as ``request.tenant`` with the database
+connection switched to its schema; nothing below re-derives it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import structlog
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import set_urlconf
+from django.utils.functional import SimpleLazyObject
+
+from tenants.errors import TenantSuspended, error_response
+from tenants.health import readiness
+from tenants.resolution import api_key_resolve, public_tenant, tenant_resolve_by_host, tenant_resolve_by_public_bot
+from tenants.services import api_key_parse_prefix
+
+_BOT_PATH = re.compile(r"^/(?:api/v1/widget|ws)/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
+
+
+class HealthCheckMiddleware:
+    """Answers /healthz and /readyz before host validation, so that probes by pod IP work."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path == "/healthz":
+            return JsonResponse({"status": "ok"})
+        if request.path == "/readyz":
+            checks = readiness()
+            healthy = all(check["ok"] for check in checks.values())
+            return JsonResponse(
+                {"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503
+            )
+        return self.get_response(request)
+
+
+def _hostname(request: HttpRequest) -> str:
+    host = request.get_host().rsplit(":", 1)[0] if ":" in request.get_host() else request.get_host()
+    return host.lower().removeprefix("www.")
+
+
+class TenantResolutionMiddleware:
+    """Host first (``<slug>.<PARLEY_BASE_DOMAIN>``), then — on any host — the API key prefix in
+    ``Authorization: Bearer``, then a widget bot's public id (path or ``X-Parley-Bot``).
+
+    On a tenant host the host decides; an API key of another tenant is then refused by
+    authentication, never used to switch tenants.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        connection.set_schema_to_public()
+        tenant = tenant_resolve_by_host(_hostname(request))
+        prefix = self._api_key_prefix(request)
+        if prefix is not None:
+            record = api_key_resolve(prefix)
+            request.api_key_record = record
+            if tenant is None and record is not None:
+                tenant = record.tenant
+        if tenant is None:
+            public_id = self._bot_public_id(request)
+            if public_id:
+                tenant = tenant_resolve_by_public_bot(public_id)
+
+        if tenant is None:
+            request.tenant = public_tenant()
+            request.urlconf = settings.PUBLIC_SCHEMA_URLCONF
+            set_urlconf(request.urlconf)
+            return self.get_response(request)
+
+        if not tenant.is_active:
+            return error_response(
+                TenantSuspended(
+                    f"The workspace '{tenant.slug}' is suspended; contact your administrator or Parley support."
+                )
+            )
+        request.tenant = tenant
+        connection.set_tenant(tenant)
+        request.urlconf = settings.ROOT_URLCONF
+        set_urlconf(request.urlconf)
+        structlog.contextvars.bind_contextvars(tenant=tenant.slug)
+        try:
+            return self.get_response(request)
+        finally:
+            connection.set_schema_to_public()
+
+    @staticmethod
+    def _api_key_prefix(request: HttpRequest) -> str | None:
+        header = request.META.get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        return api_key_parse_prefix(token.strip())
+
+    @staticmethod
+    def _bot_public_id(request: HttpRequest) -> str | None:
+        match = _BOT_PATH.match(request.path)
+        if match:
+            return match.group("public_id")
+        return request.headers.get("X-Parley-Bot") or None
+
+
+class TenantMembershipMiddleware:
+    """A session user counts as signed in on a tenant's host only if they belong to that tenant.
+
+    Lazy, like Django's own ``request.user``: API requests never pay for the membership query.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        session_user = request.user
+        tenant = getattr(request, "tenant", None)
+        if tenant is not None and tenant.schema_name != "public":
+            request.user = SimpleLazyObject(lambda: _member_or_anonymous(session_user, tenant))
+        return self.get_response(request)
+
+
+def _member_or_anonymous(user, tenant):
+    from tenants.models import Membership
+
+    if not user.is_authenticated:
+        return user
+    if Membership.objects.filter(user_id=user.pk, tenant_id=tenant.pk).exists():
+        return user
+    return AnonymousUser()

@@ -1,0 +1,44 @@
+"""Redis clients and the key convention for tenant-owned Redis data.
+
+Every key a tenant owns starts with ``t:<schema>:`` so that deleting a tenant can find and purge
+all of them with one SCAN pattern, and so that no code can build a key without naming a tenant.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+PURGE_BATCH = 500  # keys per UNLINK: large enough to be quick, small enough not to block Redis
+
+
+@cache
+def get_redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+
+
+def get_async_redis() -> aioredis.Redis:
+    # Not cached: an asyncio client is bound to the event loop it was first used on.
+    return aioredis.Redis.from_url(settings.REDIS_URL)
+
+
+def tenant_key(schema_name: str, *parts: str | int) -> str:
+    return ":".join(["t", schema_name, *map(str, parts)])
+
+
+def tenant_keys_purge(schema_name: str) -> int:
+    """Delete every Redis key of a tenant; returns how many were deleted."""
+    client = get_redis()
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=tenant_key(schema_name, "*"), count=PURGE_BATCH):
+        batch.append(key)
+        if len(batch) >= PURGE_BATCH:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted

@@ -1,0 +1,148 @@
+"""Cheap tenant resolution: host → tenant, API-key prefix → key + tenant, bot public id → tenant.
+
+Each lookup is one Redis GET on the hot path (the database only on a miss), with negative
+caching so that random hosts or guessed prefixes cannot hammer PostgreSQL. Every write that
+changes what a lookup returns calls ``tenant_cache_invalidate`` / ``api_key_cache_invalidate``
+(see services), so a suspension or revocation takes effect on the next request on every replica.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django_tenants.utils import get_public_schema_name
+
+from tenants.models import ApiKey, Domain, PublicBot, Tenant
+
+_MISSING = "-"  # negative-cache marker
+_NEGATIVE_TTL = 30
+_TENANT_FIELDS = ("id", "schema_name", "slug", "name", "status", "plan_id")
+
+
+def _cache_key(kind: str, value: str) -> str:
+    return f"resolve:{kind}:{value}"
+
+
+def _tenant_to_dict(tenant: Tenant) -> dict[str, Any]:
+    return {field: getattr(tenant, field) for field in _TENANT_FIELDS}
+
+
+def tenant_from_dict(data: dict[str, Any]) -> Tenant:
+    tenant = Tenant(**{field: data[field] for field in _TENANT_FIELDS})
+    tenant._state.adding = False
+    return tenant
+
+
+def public_tenant() -> Tenant:
+    """The in-memory stand-in for the public schema (no row needed)."""
+    tenant = Tenant(schema_name=get_public_schema_name(), slug="", name="Parley")
+    tenant._state.adding = False
+    return tenant
+
+
+def _cached(kind: str, value: str, load) -> dict[str, Any] | None:
+    key = _cache_key(kind, value)
+    raw = cache.get(key)
+    if raw == _MISSING:
+        return None
+    if raw is not None:
+        return json.loads(raw)
+    data = load()
+    if data is None:
+        cache.set(key, _MISSING, _NEGATIVE_TTL)
+        return None
+    cache.set(key, json.dumps(data, default=str), settings.PARLEY_RESOLUTION_CACHE_SECONDS)
+    return data
+
+
+def tenant_resolve_by_host(hostname: str) -> Tenant | None:
+    def load() -> dict[str, Any] | None:
+        domain = Domain.objects.select_related("tenant").filter(domain=hostname).first()
+        return _tenant_to_dict(domain.tenant) if domain else None
+
+    data = _cached("host", hostname, load)
+    return tenant_from_dict(data) if data else None
+
+
+def tenant_resolve_by_public_bot(public_id: str) -> Tenant | None:
+    def load() -> dict[str, Any] | None:
+        bot = PublicBot.objects.select_related("tenant").filter(public_id=public_id).first()
+        return _tenant_to_dict(bot.tenant) if bot else None
+
+    data = _cached("bot", public_id, load)
+    return tenant_from_dict(data) if data else None
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """What authentication needs to know about a key, without touching the database."""
+
+    id: int
+    prefix: str
+    secret_hash: str
+    scopes: tuple[str, ...]
+    expires_at: datetime | None
+    is_revoked: bool
+    tenant: Tenant
+
+
+def api_key_resolve(prefix: str) -> ApiKeyRecord | None:
+    def load() -> dict[str, Any] | None:
+        key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+        if key is None:
+            return None
+        return {
+            "id": key.id,
+            "prefix": key.prefix,
+            "secret_hash": key.secret_hash,
+            "scopes": list(key.scopes),
+            "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+            "is_revoked": key.revoked_at is not None,
+            "tenant": _tenant_to_dict(key.tenant),
+        }
+
+    data = _cached("key", prefix, load)
+    if data is None:
+        return None
+    return ApiKeyRecord(
+        id=data["id"],
+        prefix=data["prefix"],
+        secret_hash=data["secret_hash"],
+        scopes=tuple(data["scopes"]),
+        expires_at=datetime.fromisoformat(data["expires_at"]) if data["expires_at"] else None,
+        is_revoked=data["is_revoked"],
+        tenant=tenant_from_dict(data["tenant"]),
+    )
+
+
+def _forget(keys: list[str]) -> None:
+    # Now, and again once the surrounding transaction commits: a request racing the write
+    # could otherwise re-cache the old state in between.
+    if not keys:
+        return
+    cache.delete_many(keys)
+    transaction.on_commit(lambda: cache.delete_many(keys))
+
+
+def api_key_cache_invalidate(prefix: str) -> None:
+    _forget([_cache_key("key", prefix)])
+
+
+def public_bot_cache_invalidate(public_id: str) -> None:
+    _forget([_cache_key("bot", public_id)])
+
+
+def tenant_cache_invalidate(tenant: Tenant) -> None:
+    """Forget every cached lookup that embeds this tenant (hosts, keys, public bot ids).
+
+    Call it before deleting the tenant's rows: it reads them to know what to forget."""
+    keys = [_cache_key("host", d) for d in Domain.objects.filter(tenant=tenant).values_list("domain", flat=True)]
+    keys += [_cache_key("key", p) for p in ApiKey.objects.filter(tenant=tenant).values_list("prefix", flat=True)]
+    keys += [_cache_key("bot", b) for b in PublicBot.objects.filter(tenant=tenant).values_list("public_id", flat=True)]
+    _forget(keys)

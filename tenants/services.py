@@ -1,0 +1,309 @@
+"""Tenant lifecycle, users, memberships and API keys: the writes of the platform."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import shutil
+import string
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management import call_command
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+from django_tenants.utils import schema_exists
+
+from billing.models import Plan
+from tenants.errors import Conflict, ValidationFailed
+from tenants.models import ApiKey, Domain, Membership, PublicBot, SchemaTemplate, Tenant, User
+from tenants.redis import tenant_keys_purge
+from tenants.resolution import api_key_cache_invalidate, public_bot_cache_invalidate, tenant_cache_invalidate
+
+TEMPLATE_SCHEMA = settings.TENANT_BASE_SCHEMA
+SLUG_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,48}[a-z0-9]$")
+RESERVED_SLUGS = frozenset({"www", "api", "admin", "app", "public", "static", "media", "widget", "tenant-template"})
+API_KEY_PREFIX = "prly_"
+_PREFIX_ALPHABET = string.ascii_lowercase + string.digits
+_TEMPLATE_NAME = re.compile(rf"\b{re.escape(TEMPLATE_SCHEMA)}\.")
+
+
+# --- tenants ------------------------------------------------------------------------------------
+
+
+def tenant_template_sync(*, verbosity: int = 0) -> SchemaTemplate | None:
+    """Create and migrate the template schema, then capture its DDL for provisioning.
+
+    Run after every deploy's migrations (``manage.py migrate_all`` does). Without a pg_dump
+    binary nothing is captured and provisioning falls back to running migrations.
+    """
+    if not schema_exists(TEMPLATE_SCHEMA):
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE SCHEMA "{TEMPLATE_SCHEMA}"')
+    call_command("migrate_schemas", schema_name=TEMPLATE_SCHEMA, interactive=False, verbosity=verbosity)
+    connection.set_schema_to_public()
+    ddl = _dump_template_ddl()
+    if ddl is None:
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind = 'r' ORDER BY c.relname",
+            [TEMPLATE_SCHEMA],
+        )
+        tables = [row[0] for row in cursor.fetchall()]
+        data_tables = []
+        for table in tables:
+            cursor.execute(f'SELECT EXISTS (SELECT 1 FROM "{TEMPLATE_SCHEMA}"."{table}")')
+            if cursor.fetchone()[0]:
+                data_tables.append(table)
+        cursor.execute(f'SELECT count(*) FROM "{TEMPLATE_SCHEMA}".django_migrations')
+        migrations_applied = cursor.fetchone()[0]
+    return SchemaTemplate.objects.create(ddl=ddl, data_tables=data_tables, migrations_applied=migrations_applied)
+
+
+def _dump_template_ddl() -> str | None:
+    binary = settings.PARLEY_PG_DUMP
+    if not binary or not Path(binary).exists():
+        return None
+    db = settings.DATABASES["default"]
+    command = [binary, "--schema-only", f"--schema={TEMPLATE_SCHEMA}", "--no-owner", "--no-privileges", "--no-comments"]
+    if db.get("HOST"):
+        command += ["-h", db["HOST"]]
+    if db.get("PORT"):
+        command += ["-p", str(db["PORT"])]
+    if db.get("USER"):
+        command += ["-U", db["USER"]]
+    command.append(db["NAME"])
+    environment = {**os.environ, "PGPASSWORD": db.get("PASSWORD") or ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_dump of the tenant template failed: {result.stderr.strip()[:500]}")
+    # Session settings (search_path = '' above all) must not leak into our connection; every
+    # name in pg_dump's output is schema-qualified, so they are not needed.
+    statements = [
+        line
+        for line in result.stdout.splitlines()
+        if line and not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config"))
+    ]
+    return "\n".join(statements)
+
+
+def _provision_schema(schema_name: str) -> None:
+    template = SchemaTemplate.objects.order_by("-created_at").first()
+    with connection.cursor() as cursor:
+        if template is None:
+            # No captured DDL (no pg_dump where migrate_all ran): migrate the schema instead.
+            cursor.execute(f'CREATE SCHEMA "{schema_name}"')
+            call_command("migrate_schemas", schema_name=schema_name, interactive=False, verbosity=0)
+            connection.set_schema_to_public()
+            return
+        ddl = _TEMPLATE_NAME.sub(f"{schema_name}.", template.ddl).replace(
+            f"CREATE SCHEMA {TEMPLATE_SCHEMA};", f"CREATE SCHEMA {schema_name};"
+        )
+        cursor.execute(ddl)
+        for table in template.data_tables:
+            cursor.execute(
+                f'INSERT INTO "{schema_name}"."{table}" OVERRIDING SYSTEM VALUE '
+                f'SELECT * FROM "{TEMPLATE_SCHEMA}"."{table}"'
+            )
+            cursor.execute(
+                f"SELECT setval(pg_get_serial_sequence('\"{schema_name}\".\"{table}\"', 'id'), "
+                f'(SELECT max(id) FROM "{schema_name}"."{table}"))'
+            )
+
+
+def _schema_name_for(slug: str) -> str:
+    return "t_" + slug.replace("-", "_")
+
+
+def tenant_create(*, name: str, slug: str, owner: User | None = None, plan_code: str | None = None) -> Tenant:
+    """Provision a tenant: its row, primary domain, schema (replayed from the template) and owner.
+
+    Replaying the template's DDL makes provisioning constant-time however many migrations
+    exist. It all happens in one transaction (PostgreSQL DDL is transactional): a failure leaves
+    nothing behind.
+    """
+    slug = slug.strip().lower()
+    if not SLUG_PATTERN.match(slug) or slug in RESERVED_SLUGS:
+        raise ValidationFailed(
+            "Tenant slug must be 3-50 characters of lowercase letters, digits and hyphens, "
+            "start with a letter, and not be reserved.",
+            param="slug",
+        )
+    if not name.strip():
+        raise ValidationFailed("Tenant name must not be empty.", param="name")
+    plan = None
+    if plan_code:
+        plan = Plan.objects.filter(code=plan_code).first()
+        if plan is None:
+            raise ValidationFailed(f"Unknown plan {plan_code!r}.", param="plan")
+    if not schema_exists(TEMPLATE_SCHEMA):
+        tenant_template_sync()
+
+    schema_name = _schema_name_for(slug)
+    connection.set_schema_to_public()
+    try:
+        with transaction.atomic():
+            tenant = Tenant.objects.create(name=name.strip(), slug=slug, schema_name=schema_name, plan=plan)
+            Domain.objects.create(domain=f"{slug}.{settings.PARLEY_BASE_DOMAIN}", tenant=tenant, is_primary=True)
+            _provision_schema(schema_name)
+            if owner is not None:
+                Membership.objects.create(user=owner, tenant=tenant, role=Membership.Role.OWNER)
+    except IntegrityError as error:
+        raise Conflict(f"A tenant with slug {slug!r} already exists.", param="slug") from error
+    finally:
+        connection.set_schema_to_public()
+    # A negative cache entry for this host may exist from before the tenant did.
+    tenant_cache_invalidate(tenant)
+    return tenant
+
+
+def tenant_suspend(*, tenant: Tenant, reason: str = "") -> Tenant:
+    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.SUSPENDED, suspended_reason=reason[:500])
+    tenant.refresh_from_db()
+    tenant_cache_invalidate(tenant)
+    return tenant
+
+
+def tenant_activate(*, tenant: Tenant) -> Tenant:
+    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.ACTIVE, suspended_reason="")
+    tenant.refresh_from_db()
+    tenant_cache_invalidate(tenant)
+    return tenant
+
+
+def tenant_media_root(tenant: Tenant) -> Path:
+    return Path(settings.MEDIA_ROOT) / tenant.schema_name
+
+
+@dataclass(frozen=True)
+class TenantDeletion:
+    schema_name: str
+    redis_keys_deleted: int
+
+
+def tenant_delete(*, tenant: Tenant) -> TenantDeletion:
+    """Delete a tenant for good: its schema (all its data), its public rows, Redis keys and files."""
+    schema_name = tenant.schema_name
+    connection.set_schema_to_public()
+    tenant_cache_invalidate(tenant)
+    with transaction.atomic():
+        # TenantMixin.delete drops the schema (auto_drop_schema); cascades remove domains,
+        # memberships, API keys and public bot ids.
+        tenant.delete(force_drop=True)
+    redis_keys_deleted = tenant_keys_purge(schema_name)
+    shutil.rmtree(Path(settings.MEDIA_ROOT) / schema_name, ignore_errors=True)
+    return TenantDeletion(schema_name=schema_name, redis_keys_deleted=redis_keys_deleted)
+
+
+# --- users and memberships ----------------------------------------------------------------------
+
+
+def user_create(*, email: str, password: str | None, full_name: str = "") -> User:
+    email = email.strip().lower()
+    if User.objects.filter(email=email).exists():
+        raise Conflict(f"A user with email {email!r} already exists.", param="email")
+    return User.objects.create_user(email=email, password=password, full_name=full_name)
+
+
+def membership_set(*, user: User, tenant: Tenant, role: str) -> Membership:
+    if role not in Membership.Role.values:
+        raise ValidationFailed(f"Role must be one of {', '.join(Membership.Role.values)}.", param="role")
+    membership, _ = Membership.objects.update_or_create(user=user, tenant=tenant, defaults={"role": role})
+    return membership
+
+
+def public_bot_register(*, tenant: Tenant, public_id: str) -> PublicBot:
+    bot, _ = PublicBot.objects.get_or_create(public_id=public_id, defaults={"tenant": tenant})
+    if bot.tenant_id != tenant.pk:
+        raise Conflict("That public id is taken.", param="public_id")
+    public_bot_cache_invalidate(public_id)
+    return bot
+
+
+# --- API keys -----------------------------------------------------------------------------------
+
+
+def api_key_hash(raw_key: str) -> str:
+    return hmac.new(settings.PARLEY_API_KEY_PEPPER.encode(), raw_key.encode(), hashlib.sha256).hexdigest()
+
+
+def api_key_parse_prefix(raw_key: str) -> str | None:
+    """``prly_<8>_<secret>`` → ``prly_<8>``; None when the string is not shaped like a key."""
+    if not raw_key.startswith(API_KEY_PREFIX):
+        return None
+    prefix_length = len(API_KEY_PREFIX) + 8
+    if len(raw_key) < prefix_length + 20 or raw_key[prefix_length] != "_":
+        return None
+    return raw_key[:prefix_length]
+
+
+@dataclass(frozen=True)
+class CreatedApiKey:
+    api_key: ApiKey
+    raw_key: str  # shown once, never stored
+
+
+def api_key_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    scopes: list[str],
+    created_by: User | None = None,
+    expires_at: datetime | None = None,
+) -> CreatedApiKey:
+    name = name.strip()
+    if not name:
+        raise ValidationFailed("API key name must not be empty.", param="name")
+    unknown = sorted(set(scopes) - set(ApiKey.Scope.values))
+    if unknown or not scopes:
+        raise ValidationFailed(
+            f"Scopes must be a non-empty subset of {', '.join(ApiKey.Scope.values)}"
+            + (f"; unknown: {', '.join(unknown)}." if unknown else "."),
+            param="scopes",
+        )
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationFailed("expires_at must be in the future.", param="expires_at")
+    for _attempt in range(5):
+        prefix = API_KEY_PREFIX + "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(8))
+        raw_key = f"{prefix}_{secrets.token_urlsafe(32)}"
+        try:
+            with transaction.atomic():
+                api_key = ApiKey.objects.create(
+                    tenant=tenant,
+                    name=name[:100],
+                    prefix=prefix,
+                    secret_hash=api_key_hash(raw_key),
+                    scopes=sorted(set(scopes)),
+                    created_by=created_by,
+                    expires_at=expires_at,
+                )
+        except IntegrityError:
+            continue  # prefix collision (1 in 36^8 per key): draw again
+        api_key_cache_invalidate(prefix)
+        return CreatedApiKey(api_key=api_key, raw_key=raw_key)
+    raise Conflict("Could not allocate a unique API key prefix; try again.")
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    if api_key.revoked_at is None:
+        ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        api_key.refresh_from_db()
+    api_key_cache_invalidate(api_key.prefix)
+    return api_key
+
+
+def api_key_touch(*, api_key_id: int, used_at: datetime) -> None:
+    """Record last use; monotonic so that late, out-of-order updates never move it back."""
+    from django.db.models import Q
+
+    ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at), pk=api_key_id).update(
+        last_used_at=used_at
+    )
