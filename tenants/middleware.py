@@ -59,6 +59,7 @@ class TenantResolutionMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        structlog.contextvars.clear_contextvars()
         connection.set_schema_to_public()
         tenant = tenant_resolve_by_host(_hostname(request))
         prefix = self._api_key_prefix(request)
@@ -73,11 +74,13 @@ class TenantResolutionMiddleware:
                 tenant = tenant_resolve_by_public_bot(public_id)
 
         if tenant is None:
+            structlog.contextvars.bind_contextvars(tenant="public")
             request.tenant = public_tenant()
             request.urlconf = settings.PUBLIC_SCHEMA_URLCONF
             set_urlconf(request.urlconf)
             return self.get_response(request)
 
+        structlog.contextvars.bind_contextvars(tenant=tenant.slug)
         if not tenant.is_active:
             return error_response(
                 TenantSuspended(
@@ -88,7 +91,6 @@ class TenantResolutionMiddleware:
         connection.set_tenant(tenant)
         request.urlconf = settings.ROOT_URLCONF
         set_urlconf(request.urlconf)
-        structlog.contextvars.bind_contextvars(tenant=tenant.slug)
         try:
             return self.get_response(request)
         finally:
