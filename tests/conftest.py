@@ -34,7 +34,6 @@ def _clean_redis():
     from tenants.redis import get_redis
 
     get_redis().flushdb()
-    yield
 
 
 @pytest.fixture
