@@ -33,7 +33,7 @@ migrate: install
 	$(PY) manage.py migrate_all
 
 bench: install
-	PARLEY_ENV=test $(PY) -m pytest tests/perf -p no:randomly -s -o addopts="" --reuse-db
+	DATABASE_TEST_NAME=parley_bench REDIS_TEST_DB=10 PARLEY_ENV=test $(PY) -m pytest tests/perf -p no:randomly -s -o addopts="" --reuse-db
 
 clean-var:
 	rm -rf var

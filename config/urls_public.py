@@ -14,3 +14,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     *api_urlpatterns,
 ]
+
+handler404 = "tenants.views.not_found"
+handler500 = "tenants.views.server_error"

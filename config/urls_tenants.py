@@ -10,3 +10,6 @@ urlpatterns = [
     path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
     *site_urlpatterns,
 ]
+
+handler404 = "tenants.views.not_found"
+handler500 = "tenants.views.server_error"
