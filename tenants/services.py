@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -149,6 +150,8 @@ def tenant_create(*, name: str, slug: str, owner: User | None = None, plan_code:
 
     schema_name = _schema_name_for(slug)
     connection.set_schema_to_public()
+    if Tenant.objects.filter(slug=slug).exists():
+        raise Conflict(f"A tenant with slug {slug!r} already exists.", param="slug")
     try:
         with transaction.atomic():
             tenant = Tenant.objects.create(name=name.strip(), slug=slug, schema_name=schema_name, plan=plan)
@@ -156,7 +159,8 @@ def tenant_create(*, name: str, slug: str, owner: User | None = None, plan_code:
             _provision_schema(schema_name)
             if owner is not None:
                 Membership.objects.create(user=owner, tenant=tenant, role=Membership.Role.OWNER)
-    except IntegrityError as error:
+    except (IntegrityError, DjangoValidationError) as error:
+        # A concurrent creation of the same slug won the race (unique slug and schema name).
         raise Conflict(f"A tenant with slug {slug!r} already exists.", param="slug") from error
     finally:
         connection.set_schema_to_public()
