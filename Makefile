@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	@mkdir -p $(XDG_RUNTIME_DIR) var
+	@mkdir -p -m 700 $(XDG_RUNTIME_DIR) var
 	@rm -f $(VENV)/.installed-*; touch $@
 
 run: install

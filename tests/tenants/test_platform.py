@@ -69,7 +69,7 @@ def test_openapi_schema_and_docs(client):
 
 
 def test_resolution_is_cached_with_no_queries(tenant_pair, django_assert_num_queries):
-    api_key, raw = make_api_key(tenant_pair.a)
+    api_key, _ = make_api_key(tenant_pair.a)
     tenant_resolve_by_host(host_of(tenant_pair.a))
     api_key_resolve(api_key.prefix)
 
