@@ -7,12 +7,14 @@ a 401 in the API's error format rather than a 404 page.
 from django.contrib import admin
 from django.urls import include, path
 
+from chat.urls import urlpatterns as chat_urlpatterns
 from tenants.urls import api_urlpatterns
 
 urlpatterns = [
     path("", include("config.urls_common")),
     path("admin/", admin.site.urls),
     *api_urlpatterns,
+    *chat_urlpatterns,
 ]
 
 handler404 = "tenants.views.not_found"

@@ -169,24 +169,3 @@ class ApiKeyDetailApi(TenantAPIView):
     def delete(self, request, api_key_id: int):
         api_key = selectors.api_key_get(tenant=request.tenant, api_key_id=api_key_id)
         return Response(ApiKeyOutputSerializer(services.api_key_revoke(api_key=api_key)).data)
-
-
-# --- OpenAI-compatible --------------------------------------------------------------------------
-
-
-class ModelListApi(TenantAPIView):
-    """``GET /v1/models`` in the OpenAI list shape: one model per bot of the tenant."""
-
-    required_scopes = {"GET": "chat"}
-
-    def get(self, request):
-        bots = selectors.public_bot_list(tenant=request.tenant)
-        return Response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": bot.public_id, "object": "model", "created": 0, "owned_by": request.tenant.slug}
-                    for bot in bots
-                ],
-            }
-        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from tenants.errors import NotFound
-from tenants.models import ApiKey, PublicBot, Tenant
+from tenants.models import ApiKey, Tenant
 
 
 def api_key_list(*, tenant: Tenant) -> QuerySet[ApiKey]:
@@ -17,10 +17,6 @@ def api_key_get(*, tenant: Tenant, api_key_id: int) -> ApiKey:
     if api_key is None:
         raise NotFound("No such API key.")
     return api_key
-
-
-def public_bot_list(*, tenant: Tenant) -> QuerySet[PublicBot]:
-    return PublicBot.objects.filter(tenant=tenant).order_by("public_id")
 
 
 def tenant_get_by_slug(*, slug: str) -> Tenant:

@@ -5,7 +5,6 @@ from django.urls import path
 from tenants import apis, views
 
 api_urlpatterns = [
-    path("v1/models", apis.ModelListApi.as_view(), name="openai-models"),
     path("api/v1/me/", apis.MeApi.as_view(), name="api-me"),
     path("api/v1/auth/token/", apis.TokenObtainApi.as_view(), name="api-token-obtain"),
     path("api/v1/auth/token/refresh/", apis.TokenRefreshApi.as_view(), name="api-token-refresh"),

@@ -1,6 +1,7 @@
-"""Tenant isolation, table-driven: every API endpoint, every way of reaching another tenant.
+"""Tenant isolation, table-driven: every API endpoint against every way of reaching another tenant.
 
-Add a row to ENDPOINTS for each new endpoint; every scenario below then covers it.
+Add a row to ENDPOINTS for each new endpoint; every scenario below then covers it. Paths name
+objects with placeholders ({key}, {bot}, {conversation}) filled from tenant A (own) or B (foreign).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
+from django_tenants.utils import tenant_context
 
+from chat.models import Bot, Conversation
+from chat.services import bot_create, conversation_create
 from tenants.models import ApiKey
-from tenants.services import api_key_revoke
-from tests.factories import bearer, host_of, make_api_key
+from tenants.resolution import api_key_cache_invalidate
+from tenants.services import api_key_revoke, membership_set
+from tests.factories import PASSWORD, bearer, host_of, make_api_key
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +27,7 @@ pytestmark = pytest.mark.django_db
 class Endpoint:
     label: str
     method: str
-    path: str  # "{b_key}" is replaced by an object of tenant B
+    path: str
     scope: str | None  # the scope it needs; None = any authenticated caller
     body: dict | None = None
     success: int = 200
@@ -33,11 +38,54 @@ ENDPOINTS = [
     Endpoint("me", "get", "/api/v1/me/", None),
     Endpoint("api_keys_list", "get", "/api/v1/api-keys/", "admin"),
     Endpoint("api_keys_create", "post", "/api/v1/api-keys/", "admin", {"name": "x", "scopes": ["chat"]}, 201),
-    Endpoint("api_key_get", "get", "/api/v1/api-keys/{own_key}/", "admin"),
-    Endpoint("api_key_revoke", "delete", "/api/v1/api-keys/{own_key}/", "admin"),
+    Endpoint("api_key_get", "get", "/api/v1/api-keys/{key}/", "admin"),
+    Endpoint("api_key_revoke", "delete", "/api/v1/api-keys/{key}/", "admin"),
+    Endpoint("bots_list", "get", "/api/v1/bots/", "chat"),
+    Endpoint("bots_create", "post", "/api/v1/bots/", "admin", {"name": "new bot"}, 201),
+    Endpoint("bot_get", "get", "/api/v1/bots/{bot}/", "chat"),
+    Endpoint("bot_update", "patch", "/api/v1/bots/{bot}/", "admin", {"name": "renamed"}),
+    Endpoint("bot_delete", "delete", "/api/v1/bots/{bot}/", "admin", None, 204),
+    Endpoint("conversations_list", "get", "/api/v1/bots/{bot}/conversations/", "chat"),
+    Endpoint("conversations_create", "post", "/api/v1/bots/{bot}/conversations/", "chat", {"title": "t"}, 201),
+    Endpoint("conversation_get", "get", "/api/v1/conversations/{conversation}/", "chat"),
+    Endpoint("conversation_delete", "delete", "/api/v1/conversations/{conversation}/", "chat", None, 204),
+    Endpoint("messages_list", "get", "/api/v1/conversations/{conversation}/messages/", "chat"),
 ]
-OBJECT_ENDPOINTS = [e for e in ENDPOINTS if "{own_key}" in e.path]
-ids = [e.label for e in ENDPOINTS]
+OBJECT_ENDPOINTS = [e for e in ENDPOINTS if "{" in e.path]
+SCOPED_ENDPOINTS = [e for e in ENDPOINTS if e.scope]
+
+
+def _ids(endpoints):
+    return [e.label for e in endpoints]
+
+
+@dataclass
+class TenantObjects:
+    key: ApiKey
+    raw_key: str
+    bot: Bot
+    conversation: Conversation
+
+
+def _objects(tenant, label: str) -> TenantObjects:
+    key, raw = make_api_key(tenant, name=f"{label}-main-secret-name")
+    with tenant_context(tenant):
+        bot = bot_create(name=f"{label}-secret-bot")
+        conversation = conversation_create(bot=bot, end_user_kind="api", end_user_id=f"key:{key.pk}")
+    return TenantObjects(key=key, raw_key=raw, bot=bot, conversation=conversation)
+
+
+@pytest.fixture
+def world(tenant_pair):
+    return {"a": _objects(tenant_pair.a, "a"), "b": _objects(tenant_pair.b, "b")}
+
+
+def _path(endpoint: Endpoint, objects: TenantObjects) -> str:
+    return (
+        endpoint.path.replace("{key}", str(objects.key.pk))
+        .replace("{bot}", objects.bot.public_id)
+        .replace("{conversation}", str(objects.conversation.pk))
+    )
 
 
 def _call(client, endpoint: Endpoint, path: str, **extra):
@@ -47,75 +95,74 @@ def _call(client, endpoint: Endpoint, path: str, **extra):
     return method(path, **extra)
 
 
-def _assert_error(response, status: int, *, must_not_contain: tuple[str, ...] = ()):
+def _snapshot(tenant_pair, world) -> dict:
+    """Everything an attack on tenant B could change."""
+    b = world["b"]
+    with tenant_context(tenant_pair.b):
+        bots = list(Bot.objects.order_by("pk").values_list("pk", "name", "version"))
+        conversations = list(Conversation.objects.order_by("pk").values_list("pk", "title"))
+    keys = list(ApiKey.objects.filter(tenant=tenant_pair.b).order_by("pk").values_list("pk", "revoked_at"))
+    return {"bots": bots, "conversations": conversations, "keys": keys, "b_key": b.key.prefix}
+
+
+def _assert_error(response, status: int, world):
     assert response.status_code == status, response.content
     error = response.json()["error"]
     assert set(error) >= {"message", "type", "code"}
-    for secret in must_not_contain:
-        assert secret not in response.content.decode()
+    body = response.content.decode()
+    b = world["b"]
+    for secret in ("b-main-secret-name", "b-secret-bot", b.key.prefix, b.bot.public_id, str(b.conversation.pk)):
+        assert secret not in body
 
 
-@pytest.fixture
-def keys(tenant_pair):
-    """A's full key, B's full key (with one object of B to aim at), and A's own victim object."""
-    _, a_raw = make_api_key(tenant_pair.a, name="a-main")
-    b_key, b_raw = make_api_key(tenant_pair.b, name="b-main-secret-name")
-    a_target, _ = make_api_key(tenant_pair.a, name="a-target")
-    return {"a": a_raw, "b": b_raw, "b_key": b_key, "a_target": a_target}
-
-
-def _path(endpoint: Endpoint, own_key: ApiKey) -> str:
-    return endpoint.path.replace("{own_key}", str(own_key.pk))
-
-
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=ids)
-def test_success_case_own_tenant(client, tenant_pair, keys, endpoint):
-    response = _call(client, endpoint, _path(endpoint, keys["a_target"]), **bearer(keys["a"]))
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=_ids(ENDPOINTS))
+def test_success_case_own_tenant(client, world, endpoint):
+    response = _call(client, endpoint, _path(endpoint, world["a"]), **bearer(world["a"].raw_key))
 
     assert response.status_code == endpoint.success, response.content
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=ids)
-def test_no_credentials_case(client, tenant_pair, keys, endpoint):
-    count = ApiKey.objects.count()
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=_ids(ENDPOINTS))
+def test_no_credentials_case(client, tenant_pair, world, endpoint):
+    before = _snapshot(tenant_pair, world)
 
-    response = _call(client, endpoint, _path(endpoint, keys["a_target"]), HTTP_HOST=host_of(tenant_pair.a))
+    response = _call(client, endpoint, _path(endpoint, world["b"]), HTTP_HOST=host_of(tenant_pair.b))
 
-    _assert_error(response, 401)
-    assert ApiKey.objects.count() == count
+    _assert_error(response, 401, world)
+    assert _snapshot(tenant_pair, world) == before
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=ids)
-def test_a_credentials_on_b_host_case(client, tenant_pair, keys, endpoint):
-    before = list(ApiKey.objects.values_list("pk", "revoked_at"))
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=_ids(ENDPOINTS))
+def test_a_credentials_on_b_host_case(client, tenant_pair, world, endpoint):
+    before = _snapshot(tenant_pair, world)
 
     response = _call(
-        client, endpoint, _path(endpoint, keys["b_key"]), HTTP_HOST=host_of(tenant_pair.b), **bearer(keys["a"])
+        client, endpoint, _path(endpoint, world["b"]), HTTP_HOST=host_of(tenant_pair.b), **bearer(world["a"].raw_key)
     )
 
-    _assert_error(response, 401, must_not_contain=("b-main-secret-name", keys["b_key"].prefix))
-    assert list(ApiKey.objects.values_list("pk", "revoked_at")) == before
+    _assert_error(response, 401, world)
+    assert _snapshot(tenant_pair, world) == before
 
 
-@pytest.mark.parametrize("endpoint", OBJECT_ENDPOINTS, ids=[e.label for e in OBJECT_ENDPOINTS])
-def test_naming_b_object_with_a_credentials_case(client, tenant_pair, keys, endpoint):
-    response = _call(client, endpoint, _path(endpoint, keys["b_key"]), **bearer(keys["a"]))
+@pytest.mark.parametrize("endpoint", OBJECT_ENDPOINTS, ids=_ids(OBJECT_ENDPOINTS))
+def test_naming_b_object_with_a_credentials_case(client, tenant_pair, world, endpoint):
+    before = _snapshot(tenant_pair, world)
 
-    _assert_error(response, 404, must_not_contain=("b-main-secret-name", keys["b_key"].prefix))
-    keys["b_key"].refresh_from_db()
-    assert keys["b_key"].revoked_at is None
+    response = _call(client, endpoint, _path(endpoint, world["b"]), **bearer(world["a"].raw_key))
+
+    assert response.status_code == 404, response.content
+    assert response.json()["error"]["type"] == "not_found_error"
+    assert _snapshot(tenant_pair, world) == before
 
 
 @pytest.mark.parametrize("key_state", ["revoked", "expired", "garbage", "wrong_secret"], ids=lambda s: f"{s}_case")
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=ids)
-def test_unusable_key_case(client, tenant_pair, keys, endpoint, key_state):
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=_ids(ENDPOINTS))
+def test_unusable_key_case(client, tenant_pair, world, endpoint, key_state):
     api_key, raw = make_api_key(tenant_pair.a, name="doomed")
     if key_state == "revoked":
         api_key_revoke(api_key=api_key)
     elif key_state == "expired":
         ApiKey.objects.filter(pk=api_key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-        from tenants.resolution import api_key_cache_invalidate
-
         api_key_cache_invalidate(api_key.prefix)
     elif key_state == "garbage":
         raw = "prly_zzzzzzzz_" + "x" * 43
@@ -123,44 +170,46 @@ def test_unusable_key_case(client, tenant_pair, keys, endpoint, key_state):
         raw = raw[:-4] + ("aaaa" if not raw.endswith("aaaa") else "bbbb")
     count = ApiKey.objects.count()
 
-    response = _call(client, endpoint, _path(endpoint, keys["a_target"]), **bearer(raw))
+    response = _call(client, endpoint, _path(endpoint, world["a"]), **bearer(raw))
 
-    _assert_error(response, 401)
+    _assert_error(response, 401, world)
     assert ApiKey.objects.count() == count
 
 
-@pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.scope], ids=[e.label for e in ENDPOINTS if e.scope])
-def test_wrong_scope_case(client, tenant_pair, keys, endpoint):
-    other_scopes = [s for s in ApiKey.Scope.values if s not in (endpoint.scope, "admin")]
+@pytest.mark.parametrize("endpoint", SCOPED_ENDPOINTS, ids=_ids(SCOPED_ENDPOINTS))
+def test_wrong_scope_case(client, tenant_pair, world, endpoint):
+    other_scopes = [s for s in ApiKey.Scope.values if s not in (endpoint.scope, "admin", "chat")]
     _, raw = make_api_key(tenant_pair.a, scopes=other_scopes)
-    target_before = ApiKey.objects.get(pk=keys["a_target"].pk).revoked_at
+    with tenant_context(tenant_pair.a):
+        bots_before = list(Bot.objects.values_list("pk", "name"))
 
-    response = _call(client, endpoint, _path(endpoint, keys["a_target"]), **bearer(raw))
+    response = _call(client, endpoint, _path(endpoint, world["a"]), **bearer(raw))
 
-    _assert_error(response, 403)
+    assert response.status_code == 403, response.content
     assert response.json()["error"]["code"] == "insufficient_scope"
-    assert ApiKey.objects.get(pk=keys["a_target"].pk).revoked_at == target_before
+    with tenant_context(tenant_pair.a):
+        assert list(Bot.objects.values_list("pk", "name")) == bots_before
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=ids)
-def test_a_jwt_on_b_host_case(client, tenant_pair, keys, endpoint):
-    from tenants.services import membership_set
-
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=_ids(ENDPOINTS))
+def test_a_jwt_on_b_host_case(client, tenant_pair, world, endpoint):
     # Even a person who belongs to both tenants cannot use A's token on B.
     membership_set(user=tenant_pair.owner_a, tenant=tenant_pair.b, role="owner")
     token = client.post(
         "/api/v1/auth/token/",
-        {"email": tenant_pair.owner_a.email, "password": "correct-horse-battery-staple"},
+        {"email": tenant_pair.owner_a.email, "password": PASSWORD},
         content_type="application/json",
         HTTP_HOST=host_of(tenant_pair.a),
     ).json()["access"]
+    before = _snapshot(tenant_pair, world)
 
     response = _call(
         client,
         endpoint,
-        _path(endpoint, keys["b_key"]),
+        _path(endpoint, world["b"]),
         HTTP_HOST=host_of(tenant_pair.b),
         HTTP_AUTHORIZATION=f"Bearer {token}",
     )
 
-    _assert_error(response, 401)
+    _assert_error(response, 401, world)
+    assert _snapshot(tenant_pair, world) == before

@@ -107,19 +107,6 @@ def test_widget_bot_public_id_resolves_tenant(client, tenant_pair):
     assert b"Globex" in page.content
 
 
-def test_models_lists_tenant_bots_only(client, tenant_pair):
-    public_bot_register(tenant=tenant_pair.a, public_id="bot_acme_sales")
-    public_bot_register(tenant=tenant_pair.b, public_id="bot_globex_help")
-    _, raw = make_api_key(tenant_pair.a, scopes=["chat"])
-
-    response = client.get("/v1/models", **bearer(raw))
-
-    assert response.json() == {
-        "object": "list",
-        "data": [{"id": "bot_acme_sales", "object": "model", "created": 0, "owned_by": "acme"}],
-    }
-
-
 def test_log_lines_carry_request_id_and_tenant(client, tenant_pair, caplog):
     _, raw = make_api_key(tenant_pair.a)
 

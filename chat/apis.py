@@ -1,0 +1,221 @@
+"""REST endpoints for bots, conversations and messages (thin: translate, call, translate)."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from chat import selectors, services
+from chat.models import Bot, Conversation, Message
+from chat.selectors import EndUser
+from tenants.api_base import StrictSerializer, TenantAPIView
+from tenants.authentication import AuthContext
+
+
+def end_user_of(request, external_user: str | None = None) -> EndUser:
+    """The end user a caller acts as: a person, or an API credential (optionally naming its own
+    end user, like OpenAI's ``user`` field). Admin-scope callers see every end user's data."""
+    context: AuthContext = request.auth
+    sees_all = "admin" in context.scopes
+    if context.kind == "api_key":
+        identity = f"key:{context.api_key_id}" + (f":{external_user}" if external_user else "")
+        return EndUser(kind="api", id=identity, sees_all=sees_all)
+    if getattr(request.user, "pk", None) is not None:
+        return EndUser(kind="user", id=f"user:{request.user.pk}", sees_all=sees_all)
+    client_id = getattr(request.user, "client_id", "client")
+    return EndUser(
+        kind="api", id=f"oauth:{client_id}" + (f":{external_user}" if external_user else ""), sees_all=sees_all
+    )
+
+
+# --- bots ---------------------------------------------------------------------------------------
+
+
+class BotOutputSerializer(serializers.ModelSerializer):
+    id = serializers.CharField(source="public_id")
+    knowledge_bases = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+
+    class Meta:
+        model = Bot
+        fields = [
+            "id",
+            "name",
+            "system_prompt",
+            "provider_route",
+            "generation",
+            "history_strategy",
+            "history_window",
+            "knowledge_bases",
+            "allowed_origins",
+            "allow_any_origin",
+            "greeting",
+            "theme",
+            "version",
+            "created_at",
+            "updated_at",
+        ]
+
+
+class BotInputSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=200)
+    system_prompt = serializers.CharField(allow_blank=True, max_length=20_000, required=False)
+    provider_route = serializers.JSONField(required=False)
+    generation = serializers.JSONField(required=False)
+    history_strategy = serializers.ChoiceField(choices=Bot.HistoryStrategy.values, required=False)
+    history_window = serializers.IntegerField(min_value=1, max_value=200, required=False)
+    knowledge_bases = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False)
+    allowed_origins = serializers.ListField(child=serializers.CharField(max_length=255), max_length=100, required=False)
+    allow_any_origin = serializers.BooleanField(required=False)
+    greeting = serializers.CharField(allow_blank=True, max_length=500, required=False)
+    theme = serializers.JSONField(required=False)
+
+    def validate_theme(self, value):
+        if not isinstance(value, dict) or len(value) > 20:
+            raise serializers.ValidationError("Must be an object of at most 20 settings.")
+        return value
+
+
+class BotListCreateApi(TenantAPIView):
+    required_scopes = {"GET": "chat", "POST": "admin"}
+
+    @extend_schema(responses=BotOutputSerializer(many=True))
+    def get(self, request):
+        return Response({"object": "list", "data": BotOutputSerializer(selectors.bot_list(), many=True).data})
+
+    @extend_schema(request=BotInputSerializer, responses={201: BotOutputSerializer})
+    def post(self, request):
+        serializer = BotInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        bot = services.bot_create(**serializer.validated_data)
+        return Response(BotOutputSerializer(bot).data, status=status.HTTP_201_CREATED)
+
+
+class BotDetailApi(TenantAPIView):
+    required_scopes = {"GET": "chat", "PATCH": "admin", "DELETE": "admin"}
+
+    @extend_schema(responses=BotOutputSerializer)
+    def get(self, request, bot_id: str):
+        return Response(BotOutputSerializer(selectors.bot_get(public_id=bot_id)).data)
+
+    @extend_schema(request=BotInputSerializer(partial=True), responses=BotOutputSerializer)
+    def patch(self, request, bot_id: str):
+        bot = selectors.bot_get(public_id=bot_id)
+        serializer = BotInputSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        bot = services.bot_update(bot=bot, **serializer.validated_data)
+        return Response(BotOutputSerializer(bot).data)
+
+    def delete(self, request, bot_id: str):
+        services.bot_delete(bot=selectors.bot_get(public_id=bot_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- conversations ------------------------------------------------------------------------------
+
+
+class ConversationOutputSerializer(serializers.ModelSerializer):
+    bot = serializers.CharField(source="bot.public_id")
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "bot", "end_user_kind", "end_user_id", "title", "created_at", "last_message_at"]
+
+
+class ConversationListCreateApi(TenantAPIView):
+    required_scopes = {"GET": "chat", "POST": "chat"}
+
+    class InputSerializer(StrictSerializer):
+        title = serializers.CharField(max_length=200, allow_blank=True, required=False)
+        user = serializers.CharField(
+            max_length=100, required=False, help_text="Your own id for the end user (API callers)."
+        )
+
+    @extend_schema(responses=ConversationOutputSerializer(many=True))
+    def get(self, request, bot_id: str):
+        bot = selectors.bot_get(public_id=bot_id)
+        conversations = selectors.conversation_list(bot=bot, end_user=end_user_of(request, request.GET.get("user")))
+        return Response({"object": "list", "data": ConversationOutputSerializer(conversations, many=True).data})
+
+    @extend_schema(request=InputSerializer, responses={201: ConversationOutputSerializer})
+    def post(self, request, bot_id: str):
+        bot = selectors.bot_get(public_id=bot_id)
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        end_user = end_user_of(request, serializer.validated_data.get("user"))
+        conversation = services.conversation_create(
+            bot=bot,
+            end_user_kind=end_user.kind,
+            end_user_id=end_user.id,
+            title=serializer.validated_data.get("title", ""),
+        )
+        return Response(ConversationOutputSerializer(conversation).data, status=status.HTTP_201_CREATED)
+
+
+class ConversationDetailApi(TenantAPIView):
+    required_scopes = {"GET": "chat", "DELETE": "chat"}
+
+    @extend_schema(responses=ConversationOutputSerializer)
+    def get(self, request, conversation_id: str):
+        conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
+        return Response(ConversationOutputSerializer(conversation).data)
+
+    def delete(self, request, conversation_id: str):
+        conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
+        services.conversation_delete(conversation=conversation)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MessageOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Message
+        fields = [
+            "id",
+            "role",
+            "content",
+            "created_at",
+            "tokens_in",
+            "tokens_out",
+            "ttft_ms",
+            "total_ms",
+            "provider",
+            "model",
+            "is_cached",
+            "citations",
+            "finish_reason",
+        ]
+
+
+class MessageListApi(TenantAPIView):
+    required_scopes = {"GET": "chat"}
+
+    @extend_schema(responses=MessageOutputSerializer(many=True))
+    def get(self, request, conversation_id: str):
+        conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
+        messages = selectors.message_list(conversation=conversation)
+        return Response({"object": "list", "data": MessageOutputSerializer(messages, many=True).data})
+
+
+# --- OpenAI-compatible --------------------------------------------------------------------------
+
+
+class ModelListApi(TenantAPIView):
+    """``GET /v1/models`` in the OpenAI list shape: one model per bot of the tenant."""
+
+    required_scopes = {"GET": "chat"}
+
+    def get(self, request):
+        return Response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": bot.public_id,
+                        "object": "model",
+                        "created": int(bot.created_at.timestamp()),
+                        "owned_by": request.tenant.slug,
+                    }
+                    for bot in selectors.bot_list()
+                ],
+            }
+        )

@@ -1,0 +1,193 @@
+"""Writes of the chat app: bots and conversations (a turn's writes live in chat.engine)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.db import connection, transaction
+from django.db.models import F
+
+from chat.models import Bot, Conversation, default_generation, default_provider_route
+from knowledge.models import KnowledgeBase
+from tenants.errors import ValidationFailed
+from tenants.models import PublicBot
+from tenants.resolution import public_bot_cache_invalidate
+from tenants.services import public_bot_register
+
+# Fields whose change alters answers: a change bumps Bot.version (response caches key on it).
+ANSWER_FIELDS = frozenset(
+    {"system_prompt", "provider_route", "generation", "history_strategy", "history_window", "knowledge_bases"}
+)
+PROVIDER_KINDS = frozenset({"local", "openai", "vllm_pool"})
+GENERATION_LIMITS: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "max_tokens": (int, 1, 32_768),
+    "presence_penalty": (float, -2.0, 2.0),
+    "frequency_penalty": (float, -2.0, 2.0),
+    "seed": (int, 0, 2**31 - 1),
+}
+
+
+def validate_provider_route(route: Any) -> dict:
+    """Shape check of a bot's ordered provider targets; names the offending field."""
+    if not isinstance(route, dict) or not isinstance(route.get("targets"), list) or not route["targets"]:
+        raise ValidationFailed(
+            "provider_route must be an object with a non-empty 'targets' list.", param="provider_route"
+        )
+    for index, target in enumerate(route["targets"]):
+        param = f"provider_route.targets.{index}"
+        if not isinstance(target, dict) or target.get("kind") not in PROVIDER_KINDS:
+            raise ValidationFailed(
+                f"{param}.kind must be one of {', '.join(sorted(PROVIDER_KINDS))}.", param=f"{param}.kind"
+            )
+        if target["kind"] == "openai" and not (target.get("base_url") and target.get("model")):
+            raise ValidationFailed(f"{param} needs 'base_url' and 'model'.", param=param)
+        if target["kind"] == "vllm_pool" and not (target.get("endpoints") and target.get("model")):
+            raise ValidationFailed(f"{param} needs 'endpoints' and 'model'.", param=param)
+    return route
+
+
+def validate_generation(generation: Any) -> dict:
+    if not isinstance(generation, dict):
+        raise ValidationFailed("generation must be an object.", param="generation")
+    cleaned: dict[str, Any] = {}
+    for key, value in generation.items():
+        if key == "stop":
+            if not (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) and s for s in value)):
+                raise ValidationFailed(
+                    "generation.stop must be a list of up to 4 non-empty strings.", param="generation.stop"
+                )
+            cleaned[key] = value
+            continue
+        if key not in GENERATION_LIMITS:
+            raise ValidationFailed(f"Unknown generation parameter {key!r}.", param=f"generation.{key}")
+        kind, low, high = GENERATION_LIMITS[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (kind is int and not isinstance(value, int))
+        ):
+            raise ValidationFailed(f"generation.{key} must be a number.", param=f"generation.{key}")
+        if not low <= value <= high:
+            raise ValidationFailed(f"generation.{key} must be between {low} and {high}.", param=f"generation.{key}")
+        cleaned[key] = kind(value)
+    return cleaned
+
+
+def validate_origins(origins: list[str]) -> list[str]:
+    cleaned = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
+            raise ValidationFailed(
+                f"{origin!r} is not an origin like https://www.example.com.", param="allowed_origins"
+            )
+        cleaned.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return sorted(set(cleaned))
+
+
+def _new_public_id() -> str:
+    return "bot_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
+
+
+def _knowledge_bases(ids: list[int]) -> list[KnowledgeBase]:
+    found = list(KnowledgeBase.objects.filter(pk__in=ids))
+    missing = sorted(set(ids) - {kb.pk for kb in found})
+    if missing:
+        raise ValidationFailed(
+            f"Unknown knowledge base id(s): {', '.join(map(str, missing))}.", param="knowledge_bases"
+        )
+    return found
+
+
+@transaction.atomic
+def bot_create(
+    *,
+    name: str,
+    system_prompt: str = "",
+    provider_route: dict | None = None,
+    generation: dict | None = None,
+    history_strategy: str = Bot.HistoryStrategy.WINDOW,
+    history_window: int = 10,
+    knowledge_bases: list[int] | None = None,
+    allowed_origins: list[str] | None = None,
+    allow_any_origin: bool = False,
+    greeting: str = "",
+    theme: dict | None = None,
+) -> Bot:
+    if not name.strip():
+        raise ValidationFailed("Bot name must not be empty.", param="name")
+    bot = Bot.objects.create(
+        name=name.strip(),
+        public_id=_new_public_id(),
+        system_prompt=system_prompt,
+        provider_route=validate_provider_route(provider_route) if provider_route else default_provider_route(),
+        generation={**default_generation(), **validate_generation(generation or {})},
+        history_strategy=history_strategy,
+        history_window=history_window,
+        allowed_origins=validate_origins(allowed_origins or []),
+        allow_any_origin=allow_any_origin,
+        greeting=greeting,
+        **({"theme": theme} if theme else {}),
+    )
+    if knowledge_bases:
+        bot.knowledge_bases.set(_knowledge_bases(knowledge_bases))
+    public_bot_register(tenant=connection.tenant, public_id=bot.public_id)
+    return bot
+
+
+@transaction.atomic
+def bot_update(*, bot: Bot, **changes: Any) -> Bot:
+    """Apply a partial update; bumps ``version`` if anything that shapes answers changed."""
+    answer_changed = False
+    if "provider_route" in changes:
+        changes["provider_route"] = validate_provider_route(changes["provider_route"])
+    if "generation" in changes:
+        changes["generation"] = {**default_generation(), **validate_generation(changes["generation"])}
+    if "allowed_origins" in changes:
+        changes["allowed_origins"] = validate_origins(changes["allowed_origins"])
+    if "name" in changes and not str(changes["name"]).strip():
+        raise ValidationFailed("Bot name must not be empty.", param="name")
+    knowledge_base_ids = changes.pop("knowledge_bases", None)
+    for field, value in changes.items():
+        if getattr(bot, field) != value:
+            answer_changed |= field in ANSWER_FIELDS
+            setattr(bot, field, value)
+    if knowledge_base_ids is not None:
+        new = _knowledge_bases(knowledge_base_ids)
+        if {kb.pk for kb in new} != set(bot.knowledge_bases.values_list("pk", flat=True)):
+            bot.knowledge_bases.set(new)
+            answer_changed = True
+    bot.save()
+    if answer_changed:
+        Bot.objects.filter(pk=bot.pk).update(version=F("version") + 1)
+        bot.refresh_from_db(fields=["version"])
+    return bot
+
+
+@transaction.atomic
+def bot_delete(*, bot: Bot) -> None:
+    public_id = bot.public_id
+    bot.delete()
+    PublicBot.objects.filter(public_id=public_id, tenant_id=connection.tenant.pk).delete()
+    public_bot_cache_invalidate(public_id)
+
+
+def conversation_create(*, bot: Bot, end_user_kind: str, end_user_id: str, title: str = "") -> Conversation:
+    return Conversation.objects.create(
+        bot=bot, end_user_kind=end_user_kind, end_user_id=end_user_id[:200], title=title[:200]
+    )
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    conversation.delete()

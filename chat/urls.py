@@ -1,0 +1,14 @@
+from django.urls import path
+
+from chat import apis
+
+urlpatterns = [
+    path("v1/models", apis.ModelListApi.as_view(), name="openai-models"),
+    path("api/v1/bots/", apis.BotListCreateApi.as_view(), name="bots"),
+    path("api/v1/bots/<str:bot_id>/", apis.BotDetailApi.as_view(), name="bot-detail"),
+    path("api/v1/bots/<str:bot_id>/conversations/", apis.ConversationListCreateApi.as_view(), name="conversations"),
+    path(
+        "api/v1/conversations/<str:conversation_id>/", apis.ConversationDetailApi.as_view(), name="conversation-detail"
+    ),
+    path("api/v1/conversations/<str:conversation_id>/messages/", apis.MessageListApi.as_view(), name="messages"),
+]
