@@ -10,7 +10,6 @@ import hmac
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.core.cache import cache
 from django.utils import timezone
 from oauth2_provider.contrib.rest_framework import OAuth2Authentication
 from rest_framework.authentication import SessionAuthentication, get_authorization_header
@@ -20,6 +19,7 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 
 from tenants.errors import AuthenticationFailed
 from tenants.models import ApiKey, Membership, Tenant, User
+from tenants.redis import get_redis
 from tenants.resolution import ApiKeyRecord, api_key_resolve
 from tenants.services import api_key_hash, api_key_parse_prefix
 
@@ -110,7 +110,9 @@ class ApiKeyAuthentication:
     @staticmethod
     def _touch(record: ApiKeyRecord, now) -> None:
         # One write per key per minute at most, and off the request path.
-        if cache.add(f"apikey:touched:{record.id}", 1, int(LAST_USED_RESOLUTION.total_seconds())):
+        if get_redis().set(
+            f"parley:apikey:touched:{record.id}", 1, nx=True, ex=int(LAST_USED_RESOLUTION.total_seconds())
+        ):
             from tenants.tasks import api_key_touch_task
 
             api_key_touch_task.delay(api_key_id=record.id, used_at=now.isoformat())

@@ -14,19 +14,19 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
 from django_tenants.utils import get_public_schema_name
 
 from tenants.models import ApiKey, Domain, PublicBot, Tenant
+from tenants.redis import get_redis
 
-_MISSING = "-"  # negative-cache marker
+_MISSING = b"-"  # negative-cache marker
 _NEGATIVE_TTL = 30
 _TENANT_FIELDS = ("id", "schema_name", "slug", "name", "status", "plan_id")
 
 
 def _cache_key(kind: str, value: str) -> str:
-    return f"resolve:{kind}:{value}"
+    return f"parley:resolve:{kind}:{value}"
 
 
 def _tenant_to_dict(tenant: Tenant) -> dict[str, Any]:
@@ -47,17 +47,19 @@ def public_tenant() -> Tenant:
 
 
 def _cached(kind: str, value: str, load) -> dict[str, Any] | None:
+    # Raw redis-py on the process-wide pool: one GET, no pickling, on the hot path of every request.
     key = _cache_key(kind, value)
-    raw = cache.get(key)
+    redis = get_redis()
+    raw = redis.get(key)
     if raw == _MISSING:
         return None
     if raw is not None:
         return json.loads(raw)
     data = load()
     if data is None:
-        cache.set(key, _MISSING, _NEGATIVE_TTL)
+        redis.set(key, _MISSING, ex=_NEGATIVE_TTL)
         return None
-    cache.set(key, json.dumps(data, default=str), settings.PARLEY_RESOLUTION_CACHE_SECONDS)
+    redis.set(key, json.dumps(data, default=str), ex=settings.PARLEY_RESOLUTION_CACHE_SECONDS)
     return data
 
 
@@ -126,8 +128,9 @@ def _forget(keys: list[str]) -> None:
     # could otherwise re-cache the old state in between.
     if not keys:
         return
-    cache.delete_many(keys)
-    transaction.on_commit(lambda: cache.delete_many(keys))
+    redis = get_redis()
+    redis.delete(*keys)
+    transaction.on_commit(lambda: redis.delete(*keys))
 
 
 def api_key_cache_invalidate(prefix: str) -> None:
