@@ -79,6 +79,8 @@ MIDDLEWARE = [
     "tenants.middleware.HealthCheckMiddleware",
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files (admin site, widget) from every web replica, without a separate server.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     # Tenant first so that every log line of the request, request_started included, names it.
     "tenants.middleware.TenantResolutionMiddleware",
     "django_structlog.middlewares.RequestMiddleware",
@@ -281,6 +283,15 @@ X_FRAME_OPTIONS = "DENY"
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if IS_PRODUCTION
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = not IS_PRODUCTION
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
