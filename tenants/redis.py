@@ -6,6 +6,8 @@ all of them with one SCAN pattern, and so that no code can build a key without n
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from functools import cache
 
 import redis
@@ -23,6 +25,19 @@ def get_redis() -> redis.Redis:
 def get_async_redis() -> aioredis.Redis:
     # Not cached: an asyncio client is bound to the event loop it was first used on.
     return aioredis.Redis.from_url(settings.REDIS_URL)
+
+
+_loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
+
+
+def get_loop_redis() -> aioredis.Redis:
+    """The asyncio client (and connection pool) of the running event loop, shared by all the
+    coroutines on it: one per web process in production."""
+    loop = asyncio.get_running_loop()
+    client = _loop_clients.get(loop)
+    if client is None:
+        client = _loop_clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL)
+    return client
 
 
 def tenant_key(schema_name: str, *parts: str | int) -> str:

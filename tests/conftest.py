@@ -14,12 +14,40 @@ def pytest_configure() -> None:
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(django_db_setup, django_db_blocker):
-    """The template schema is (re)captured once per session: cheap when nothing changed."""
+def django_db_setup(
+    request,
+    django_test_environment,
+    django_db_blocker,
+    django_db_keepdb,
+    django_db_createdb,
+    django_db_modify_db_settings,
+):
+    """Always set up the test database, then (re)capture the template schema (cheap when unchanged).
+
+    pytest-django sets up only the databases that collected tests mark with ``django_db``; tests
+    that commit data from several threads carry no such mark, so run alone they would reach the
+    development database. Here the test database is set up whatever was collected.
+    """
+    from django.db import connection
+    from django.test.utils import setup_databases, teardown_databases
+
     from tenants.services import tenant_template_sync
 
+    keepdb = django_db_keepdb and not django_db_createdb
     with django_db_blocker.unblock():
+        config = setup_databases(
+            verbosity=request.config.option.verbose,
+            interactive=False,
+            keepdb=keepdb,
+            aliases={"default"},
+            serialized_aliases=set(),
+        )
+        assert connection.settings_dict["NAME"] == settings.DATABASES["default"]["TEST"]["NAME"]
         tenant_template_sync()
+    yield
+    if not keepdb:
+        with django_db_blocker.unblock():
+            teardown_databases(config, verbosity=request.config.option.verbose)
 
 
 @pytest.fixture(scope="session")
