@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from chat import selectors, services
+from chat import selectors, services, turns
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
+from chat.streams import parse_last_event_id
+from chat.transports.sse import event_stream, sse_response, wants_event_stream
 from tenants.api_base import StrictSerializer, TenantAPIView
 from tenants.authentication import AuthContext
 
@@ -186,14 +189,72 @@ class MessageOutputSerializer(serializers.ModelSerializer):
         ]
 
 
-class MessageListApi(TenantAPIView):
-    required_scopes = {"GET": "chat"}
+class EventStreamNegotiationMixin:
+    """SSE responses bypass DRF's renderers; errors before the stream starts are JSON, so the
+    renderer is always JSON whatever the Accept header says."""
+
+    def perform_content_negotiation(self, request, force=False):
+        renderer = JSONRenderer()
+        return renderer, renderer.media_type
+
+
+class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
+    """List a conversation's messages; post a message (answered as SSE with
+    ``Accept: text/event-stream``, else as JSON once the answer is complete)."""
+
+    required_scopes = {"GET": "chat", "POST": "chat"}
+
+    class InputSerializer(StrictSerializer):
+        content = serializers.CharField(trim_whitespace=False, allow_blank=True, max_length=turns.MAX_MESSAGE_CHARS + 1)
+        stream = serializers.BooleanField(required=False, default=False)
 
     @extend_schema(responses=MessageOutputSerializer(many=True))
     def get(self, request, conversation_id: str):
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
         messages = selectors.message_list(conversation=conversation)
         return Response({"object": "list", "data": MessageOutputSerializer(messages, many=True).data})
+
+    @extend_schema(request=InputSerializer, responses={200: MessageOutputSerializer})
+    def post(self, request, conversation_id: str):
+        conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        started = turns.turn_start(conversation=conversation, content=serializer.validated_data["content"])
+        headers = {"X-Parley-Generation-Id": started.generation_id}
+        if serializer.validated_data["stream"] or wants_event_stream(request):
+            return sse_response(event_stream(started.stream_key), headers=headers)
+        outcome = turns.turn_wait(stream_key=started.stream_key)
+        if outcome.error is not None:
+            raise outcome.error
+        answer = selectors.message_get(conversation=conversation, message_id=outcome.message_id)
+        return Response(
+            {
+                "generation_id": started.generation_id,
+                "user_message": MessageOutputSerializer(started.user_message).data,
+                "message": MessageOutputSerializer(answer).data,
+            },
+            headers=headers,
+        )
+
+
+class GenerationEventsApi(EventStreamNegotiationMixin, TenantAPIView):
+    """Follow a generation as SSE from the start, or — with ``Last-Event-ID`` — from after an
+    event already received: the resume path, served by any replica."""
+
+    required_scopes = {"GET": "chat"}
+
+    def get(self, request, generation_id: str):
+        stream_key = turns.generation_get_for(generation_id=generation_id, end_user=end_user_of(request))
+        after = parse_last_event_id(request.headers.get("Last-Event-ID") or request.GET.get("last_event_id"))
+        return sse_response(event_stream(stream_key, after=after), headers={"X-Parley-Generation-Id": generation_id})
+
+
+class GenerationCancelApi(TenantAPIView):
+    required_scopes = {"POST": "chat"}
+
+    def post(self, request, generation_id: str):
+        turns.generation_cancel(generation_id=generation_id, end_user=end_user_of(request))
+        return Response({"id": generation_id, "status": "cancelling"}, status=status.HTTP_202_ACCEPTED)
 
 
 # --- OpenAI-compatible --------------------------------------------------------------------------

@@ -57,3 +57,10 @@ def conversation_get(*, conversation_id: str, end_user: EndUser) -> Conversation
 def message_list(*, conversation: Conversation, limit: int = 100) -> list[Message]:
     newest = Message.objects.filter(conversation=conversation).order_by("-created_at", "-id")[:limit]
     return list(reversed(newest))
+
+
+def message_get(*, conversation: Conversation, message_id: str) -> Message:
+    message = Message.objects.filter(conversation=conversation, pk=message_id).first()
+    if message is None:
+        raise NotFound("No such message.", param="id")
+    return message

@@ -10,6 +10,7 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from chat.models import Bot, Conversation, default_generation, default_provider_route
+from chat.providers.registry import validate_route_config
 from knowledge.models import KnowledgeBase
 from tenants.errors import ValidationFailed
 from tenants.models import PublicBot
@@ -20,7 +21,6 @@ from tenants.services import public_bot_register
 ANSWER_FIELDS = frozenset(
     {"system_prompt", "provider_route", "generation", "history_strategy", "history_window", "knowledge_bases"}
 )
-PROVIDER_KINDS = frozenset({"local", "openai", "vllm_pool"})
 GENERATION_LIMITS: dict[str, tuple[type, float, float]] = {
     "temperature": (float, 0.0, 2.0),
     "top_p": (float, 0.0, 1.0),
@@ -32,22 +32,8 @@ GENERATION_LIMITS: dict[str, tuple[type, float, float]] = {
 
 
 def validate_provider_route(route: Any) -> dict:
-    """Shape check of a bot's ordered provider targets; names the offending field."""
-    if not isinstance(route, dict) or not isinstance(route.get("targets"), list) or not route["targets"]:
-        raise ValidationFailed(
-            "provider_route must be an object with a non-empty 'targets' list.", param="provider_route"
-        )
-    for index, target in enumerate(route["targets"]):
-        param = f"provider_route.targets.{index}"
-        if not isinstance(target, dict) or target.get("kind") not in PROVIDER_KINDS:
-            raise ValidationFailed(
-                f"{param}.kind must be one of {', '.join(sorted(PROVIDER_KINDS))}.", param=f"{param}.kind"
-            )
-        if target["kind"] == "openai" and not (target.get("base_url") and target.get("model")):
-            raise ValidationFailed(f"{param} needs 'base_url' and 'model'.", param=param)
-        if target["kind"] == "vllm_pool" and not (target.get("endpoints") and target.get("model")):
-            raise ValidationFailed(f"{param} needs 'endpoints' and 'model'.", param=param)
-    return route
+    """The provider registry's own validation, so that what is saved is what can be built."""
+    return validate_route_config(route, param_prefix="provider_route")
 
 
 def validate_generation(generation: Any) -> dict:

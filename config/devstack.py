@@ -1,8 +1,8 @@
 """``make run``: the whole development stack in one foreground process.
 
 Starts (or attaches to) the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL point
-elsewhere, migrates, ensures the demo tenant, then runs the ASGI server, a Celery worker and
-Celery beat under honcho. Ctrl-C stops all of them, then the embedded services it started.
+elsewhere, migrates, ensures the demo tenant, then runs the ASGI server, a generation worker, a Celery
+worker and Celery beat under honcho. Ctrl-C stops all of them, then the embedded services it started.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> int:
     bin_dir = Path(python).parent
     manager = Manager()
     manager.add_process("web", f"{bin_dir / 'daphne'} -b 127.0.0.1 -p {port} config.asgi:application", env=env)
+    manager.add_process("generator", f"{python} manage.py run_generators", env=env)
     manager.add_process("worker", f"{bin_dir / 'celery'} -A config worker -l info --concurrency 2", env=env)
     manager.add_process(
         "beat", f"{bin_dir / 'celery'} -A config beat -l info -s {BASE_DIR / 'var' / 'celerybeat-schedule'}", env=env

@@ -116,6 +116,12 @@ ASGI_APPLICATION = "config.asgi.application"
 
 if env.str("DATABASE_URL", default=""):
     DATABASES = {"default": env.db_url("DATABASE_URL")}
+    # Unix-socket URLs, in either libpq form: postgres://u@%2Frun%2Fpg/db or postgres://u@/db?host=/run/pg
+    from urllib.parse import unquote
+
+    DATABASES["default"]["HOST"] = unquote(DATABASES["default"].get("HOST") or "") or (
+        DATABASES["default"].get("OPTIONS", {}).pop("host", "")
+    )
 else:
     from config.embedded import ensure_postgres
 
@@ -264,6 +270,16 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
 }
+
+# --- chat providers -------------------------------------------------------------------------------
+
+# The built-in extractive responder streams word by word at a model-like pace (none in tests).
+CHAT_LOCAL_SECONDS_PER_WORD = env.float("PARLEY_LOCAL_SECONDS_PER_WORD", default=0.0 if IS_TEST else 0.03)
+CHAT_PROVIDER_TIMEOUT_SECONDS = env.float("PARLEY_PROVIDER_TIMEOUT_SECONDS", default=30.0)
+CHAT_CIRCUIT_FAILURE_THRESHOLD = env.int("PARLEY_CIRCUIT_FAILURE_THRESHOLD", default=5)
+CHAT_CIRCUIT_COOLDOWN_SECONDS = env.float("PARLEY_CIRCUIT_COOLDOWN_SECONDS", default=30.0)
+# How long a process trusts a circuit it last saw closed before asking Redis again.
+CHAT_CIRCUIT_CACHE_SECONDS = env.float("PARLEY_CIRCUIT_CACHE_SECONDS", default=1.0)
 
 # Request bodies: JSON endpoints are small; uploads have their own plan-based limit.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("PARLEY_MAX_BODY_BYTES", default=1024 * 1024)

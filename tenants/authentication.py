@@ -87,38 +87,42 @@ class ApiKeyAuthentication:
 
     def authenticate(self, request: Request):
         raw_key = _bearer_token(request)
-        if raw_key is None:
-            return None
-        prefix = api_key_parse_prefix(raw_key)
-        if prefix is None:
+        if raw_key is None or api_key_parse_prefix(raw_key) is None:
             return None  # not an API key: let JWT / OAuth2 try
-        record = getattr(request._request, "api_key_record", None) or api_key_resolve(prefix)
-        if record is None or not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
-            raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-        tenant = _tenant_of(request)
-        if tenant is None or tenant.pk != record.tenant.pk:
-            raise AuthenticationFailed("This API key does not belong to this tenant.", code="invalid_api_key")
-        if record.is_revoked:
-            raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
-        now = timezone.now()
-        if record.expires_at is not None and record.expires_at <= now:
-            raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
-        self._touch(record, now)
-        context = AuthContext(kind="api_key", tenant=tenant, scopes=frozenset(record.scopes), api_key_id=record.id)
-        return ApiKeyUser(record), context
-
-    @staticmethod
-    def _touch(record: ApiKeyRecord, now) -> None:
-        # One write per key per minute at most, and off the request path.
-        if get_redis().set(
-            f"parley:apikey:touched:{record.id}", 1, nx=True, ex=int(LAST_USED_RESOLUTION.total_seconds())
-        ):
-            from tenants.tasks import api_key_touch_task
-
-            api_key_touch_task.delay(api_key_id=record.id, used_at=now.isoformat())
+        record = getattr(request._request, "api_key_record", None)
+        return api_key_verify(raw_key, tenant=_tenant_of(request), record=record)
 
     def authenticate_header(self, request: Request) -> str:
         return f'Bearer realm="{self.www_authenticate_realm}"'
+
+
+def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None = None):
+    """Check a raw API key against its cached record for ``tenant``: ``(ApiKeyUser, AuthContext)``
+    or AuthenticationFailed. Shared by DRF and the WebSocket consumers."""
+    prefix = api_key_parse_prefix(raw_key)
+    if prefix is None:
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    record = record or api_key_resolve(prefix)
+    if record is None or not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    if tenant is None or tenant.pk != record.tenant.pk:
+        raise AuthenticationFailed("This API key does not belong to this tenant.", code="invalid_api_key")
+    if record.is_revoked:
+        raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
+    now = timezone.now()
+    if record.expires_at is not None and record.expires_at <= now:
+        raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
+    _touch(record, now)
+    context = AuthContext(kind="api_key", tenant=tenant, scopes=frozenset(record.scopes), api_key_id=record.id)
+    return ApiKeyUser(record), context
+
+
+def _touch(record: ApiKeyRecord, now) -> None:
+    # One write per key per minute at most, and off the request path.
+    if get_redis().set(f"parley:apikey:touched:{record.id}", 1, nx=True, ex=int(LAST_USED_RESOLUTION.total_seconds())):
+        from tenants.tasks import api_key_touch_task
+
+        api_key_touch_task.delay(api_key_id=record.id, used_at=now.isoformat())
 
 
 class TenantJWTAuthentication(JWTAuthentication):

@@ -14,17 +14,19 @@ import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
+REDIS_SOCKET_TIMEOUT = 30
 PURGE_BATCH = 500  # keys per UNLINK: large enough to be quick, small enough not to block Redis
 
 
 @cache
 def get_redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    # Blocking reads (XREAD BLOCK ≤ 15 s) must not hit the socket timeout (redis-py's default is 5 s).
+    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30, socket_timeout=REDIS_SOCKET_TIMEOUT)
 
 
 def get_async_redis() -> aioredis.Redis:
     # Not cached: an asyncio client is bound to the event loop it was first used on.
-    return aioredis.Redis.from_url(settings.REDIS_URL)
+    return aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_SOCKET_TIMEOUT)
 
 
 _loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
@@ -36,7 +38,7 @@ def get_loop_redis() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _loop_clients.get(loop)
     if client is None:
-        client = _loop_clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL)
+        client = _loop_clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_SOCKET_TIMEOUT)
     return client
 
 

@@ -8,6 +8,9 @@ from django.test import Client
 
 from tests.factories import TenantPair, ensure_tenant_pair
 
+# Fixtures that run whole chat turns (a generation worker thread, a committed bot).
+pytest_plugins = ["tests.chat.turn_fixtures"]
+
 
 def pytest_configure() -> None:
     assert settings.IS_TEST, "Run the tests with PARLEY_ENV=test (make test does)."

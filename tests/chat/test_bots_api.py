@@ -72,7 +72,7 @@ def test_attaching_knowledge_base_bumps_version(client, tenant_pair, admin_key):
     ("body", "param"),
     [
         pytest.param({"name": ""}, "name", id="empty_name_case"),
-        pytest.param({"name": "b", "provider_route": {"targets": []}}, "provider_route", id="empty_route_case"),
+        pytest.param({"name": "b", "provider_route": {"targets": []}}, "provider_route.targets", id="empty_route_case"),
         pytest.param(
             {"name": "b", "provider_route": {"targets": [{"kind": "magic"}]}},
             "provider_route.targets.0.kind",
@@ -80,7 +80,7 @@ def test_attaching_knowledge_base_bumps_version(client, tenant_pair, admin_key):
         ),
         pytest.param(
             {"name": "b", "provider_route": {"targets": [{"kind": "openai"}]}},
-            "provider_route.targets.0",
+            "provider_route.targets.0.base_url",
             id="openai_without_url_case",
         ),
         pytest.param(

@@ -52,7 +52,7 @@ class KnowledgeNamesConsumer(AsyncJsonWebsocketConsumer):
 
     @tenant_database_sync_to_async
     def names(self) -> list[str]:
-        return sorted(KnowledgeBase.objects.values_list("name", flat=True))
+        return sorted(KnowledgeBase.objects.filter(name__startswith="committed-").values_list("name", flat=True))
 
 
 websocket_app = TenantWebsocketMiddleware(URLRouter([path("ws/test/", KnowledgeNamesConsumer.as_asgi())]))

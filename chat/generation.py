@@ -1,0 +1,158 @@
+"""Generation workers: an asyncio pool consuming turn jobs from a Redis Stream.
+
+Web processes only enqueue a turn (``chat.turns.turn_start``) and relay its events; the turn runs
+here, so a web replica that dies mid-answer does not stop the answer, and generation capacity
+scales on its own (``manage.py run_generators``, as many processes as needed: a consumer group
+shares the jobs out). One process runs hundreds of turns at once — they mostly wait on the model.
+
+Jobs are acknowledged when their turn ends. A job whose worker died stays pending and is
+claimed by another worker after ``claim_idle_ms``: if its generation had not started it runs
+now; if tokens had already been streamed it is ended with an error event (answers are never
+silently regenerated) and the partial answer is saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.exceptions import ResponseError
+
+from chat.engine import TurnJob, TurnOutcome, run_turn, save_answer
+from chat.metrics import ACTIVE_GENERATIONS
+from chat.providers.base import Provider
+from chat.streams import JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
+from tenants.asyncdb import in_tenant
+from tenants.redis import REDIS_SOCKET_TIMEOUT
+
+logger = logging.getLogger(__name__)
+
+
+def default_route_factory() -> Callable[[dict], Provider]:
+    from chat.providers.registry import build_route
+
+    return build_route
+
+
+class GenerationWorker:
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis | None = None,
+        concurrency: int = 256,
+        consumer: str | None = None,
+        claim_idle_ms: int = 60_000,
+        route_for: Callable[[dict], Provider] | None = None,
+    ) -> None:
+        self.redis = redis or aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_SOCKET_TIMEOUT)
+        self.concurrency = concurrency
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_idle_ms = claim_idle_ms
+        self.route_for = route_for or default_route_factory()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task] = set()
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(JOBS_STREAM, JOBS_GROUP, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_group()
+        next_claim = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            if loop.time() >= next_claim:
+                await self._claim_orphans()
+                next_claim = loop.time() + max(self.claim_idle_ms / 4000, 0.5)
+            free = self.concurrency - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED, timeout=1)
+                continue
+            response = await self.redis.xreadgroup(JOBS_GROUP, self.consumer, {JOBS_STREAM: ">"}, count=free, block=500)
+            for _stream, entries in response or []:
+                for entry_id, fields in entries:
+                    self._spawn(entry_id, fields, orphan=False)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=30)
+
+    def _spawn(self, entry_id, fields, *, orphan: bool) -> None:
+        task = asyncio.create_task(self._handle(entry_id, fields, orphan=orphan))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, entry_id, fields, *, orphan: bool) -> None:
+        try:
+            job = TurnJob(**json.loads(fields[b"job"]))
+        except (KeyError, TypeError, ValueError):
+            logger.exception("dropping malformed generation job %s", entry_id)
+            await self._ack(entry_id)
+            return
+        ACTIVE_GENERATIONS.inc()
+        try:
+            if orphan and await self._recover(job):
+                return
+            await run_turn(job, redis=self.redis, route_for=self.route_for)
+        except Exception:
+            logger.exception("generation %s failed", job.generation_id)
+            await publish(
+                self.redis,
+                generation_stream_key(job.schema_name, job.generation_id),
+                "error",
+                {
+                    "message": "The answer could not be generated; please try again.",
+                    "type": "server_error",
+                    "code": "generation_failed",
+                },
+            )
+        finally:
+            ACTIVE_GENERATIONS.dec()
+            await self._ack(entry_id)
+
+    async def _ack(self, entry_id) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(JOBS_STREAM, JOBS_GROUP, entry_id)
+            pipe.xdel(JOBS_STREAM, entry_id)
+            await pipe.execute()
+
+    async def _claim_orphans(self) -> None:
+        _next, claimed, _deleted = await self.redis.xautoclaim(
+            JOBS_STREAM, JOBS_GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=50
+        )
+        for entry_id, fields in claimed:
+            if fields:
+                self._spawn(entry_id, fields, orphan=True)
+
+    async def _recover(self, job: TurnJob) -> bool:
+        """Handle a job whose worker died. True when nothing is left to run."""
+        key = generation_stream_key(job.schema_name, job.generation_id)
+        events = await self.redis.xrange(key)
+        types = [fields[b"type"].decode() for _id, fields in events]
+        if "done" in types or "error" in types:
+            return True
+        if "token" not in types:
+            return False  # never started: run it now
+        text = "".join(json.loads(fields[b"data"])["text"] for _id, fields in events if fields[b"type"] == b"token")
+        outcome = TurnOutcome(text=text, finish_reason="error")
+        message_id = await in_tenant(job.schema_name, save_answer, job, outcome)
+        await publish(
+            self.redis,
+            key,
+            "error",
+            {
+                "message": "The answer was interrupted; please try again.",
+                "type": "server_error",
+                "code": "generation_interrupted",
+                "message_id": message_id,
+                "partial_text_length": len(text),
+            },
+        )
+        return True

@@ -1,0 +1,1 @@
+"""How a generation's events reach clients: SSE, WebSocket, and the OpenAI-compatible API."""

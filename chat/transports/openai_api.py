@@ -1,0 +1,197 @@
+"""``POST /v1/chat/completions``: the OpenAI chat API over Parley's bots.
+
+``model`` names a bot by its public id; the bot's system prompt, knowledge and provider route
+apply. The turn runs like any other (stored as a conversation of the API key's end user, metered,
+streamed through the generation's Redis stream), and answers in OpenAI's shapes — chunks ending
+in ``data: [DONE]`` when streaming, a ``chat.completion`` otherwise — so the official SDKs work
+unchanged, errors included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from chat import selectors, turns
+from chat.services import validate_generation
+from chat.streams import read
+from tenants.api_base import StrictSerializer, TenantAPIView
+from tenants.errors import NotFound
+from tenants.redis import get_loop_redis
+
+ROLES = ("system", "user", "assistant", "developer")
+MAX_MESSAGES = 500
+
+
+class ChatMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=ROLES)
+    content = serializers.JSONField()
+    name = serializers.CharField(required=False, max_length=64)
+
+    def validate_content(self, value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in value
+        ):
+            return "".join(part["text"] for part in value)
+        raise serializers.ValidationError("Must be a string or a list of text parts.")
+
+
+class ChatCompletionInputSerializer(StrictSerializer):
+    model = serializers.CharField(max_length=100)
+    messages = ChatMessageSerializer(many=True, allow_empty=False, max_length=MAX_MESSAGES)
+    stream = serializers.BooleanField(required=False, default=False)
+    stream_options = serializers.DictField(required=False)
+    temperature = serializers.FloatField(required=False, allow_null=True)
+    top_p = serializers.FloatField(required=False, allow_null=True)
+    max_tokens = serializers.IntegerField(required=False, allow_null=True)
+    max_completion_tokens = serializers.IntegerField(required=False, allow_null=True)
+    stop = serializers.JSONField(required=False, allow_null=True)
+    seed = serializers.IntegerField(required=False, allow_null=True)
+    presence_penalty = serializers.FloatField(required=False, allow_null=True)
+    frequency_penalty = serializers.FloatField(required=False, allow_null=True)
+    user = serializers.CharField(required=False, max_length=100)
+    n = serializers.IntegerField(required=False, min_value=1, max_value=1)
+    logprobs = serializers.BooleanField(required=False)
+
+    def validate_messages(self, messages: list[dict]) -> list[dict]:
+        if messages[-1]["role"] != "user":
+            raise serializers.ValidationError("The last message must be the user's.")
+        if not messages[-1]["content"].strip():
+            raise serializers.ValidationError("The last message must not be empty.")
+        return messages
+
+    def validate_logprobs(self, value: bool) -> bool:
+        if value:
+            raise serializers.ValidationError("logprobs are not supported.")
+        return value
+
+
+def _overrides(data: dict) -> dict:
+    raw = {key: data.get(key) for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")}
+    raw["max_tokens"] = data.get("max_completion_tokens") or data.get("max_tokens")
+    stop = data.get("stop")
+    if stop is not None:
+        raw["stop"] = [stop] if isinstance(stop, str) else stop
+    return validate_generation({key: value for key, value in raw.items() if value is not None})
+
+
+class ChatCompletionsApi(TenantAPIView):
+    required_scopes = {"POST": "chat"}
+
+    def post(self, request):
+        from chat.apis import end_user_of  # the REST module owns the end-user mapping
+
+        serializer = ChatCompletionInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            bot = selectors.bot_get(public_id=data["model"])
+        except NotFound:
+            raise NotFound(
+                f"The model {data['model']!r} does not exist: use a bot id from /v1/models.",
+                param="model",
+                code="model_not_found",
+            ) from None
+        overrides = _overrides(data)
+        end_user = end_user_of(request, data.get("user"))
+        started = turns.turn_start_from_messages(
+            bot=bot, end_user=end_user, messages=data["messages"], overrides=overrides
+        )
+        completion_id = f"chatcmpl-{started.generation_id.replace('-', '')}"
+        created = int(time.time())
+        if data["stream"]:
+            from chat.transports.sse import sse_response
+
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            body = _chunks(
+                started.stream_key,
+                completion_id=completion_id,
+                created=created,
+                model=bot.public_id,
+                include_usage=include_usage,
+            )
+            return sse_response(body, headers={"X-Parley-Generation-Id": started.generation_id})
+        waited = turns.turn_wait(stream_key=started.stream_key)
+        if waited.error is not None:
+            raise waited.error
+        answer = selectors.message_get(conversation=started.conversation, message_id=waited.message_id)
+        return Response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": bot.public_id,
+                "system_fingerprint": f"parley-v{bot.version}",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer.content, "refusal": None},
+                        "finish_reason": _finish_reason(answer.finish_reason),
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": answer.tokens_in or 0,
+                    "completion_tokens": answer.tokens_out or 0,
+                    "total_tokens": (answer.tokens_in or 0) + (answer.tokens_out or 0),
+                },
+            },
+            headers={"X-Parley-Generation-Id": started.generation_id},
+        )
+
+
+def _finish_reason(reason: str) -> str:
+    return reason if reason in ("stop", "length", "content_filter") else "stop"
+
+
+def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_reason: str | None) -> bytes:
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _chunks(
+    stream_key: str, *, completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
+    async for event in read(get_loop_redis(), stream_key, block_ms=15_000):
+        if event is None:
+            yield b": keep-alive\n\n"
+        elif event.type == "token":
+            yield _chunk(completion_id, created, model, {"content": event.data["text"]}, None)
+        elif event.type == "done":
+            yield _chunk(completion_id, created, model, {}, _finish_reason(event.data.get("finish_reason", "")))
+            if include_usage and event.data.get("usage"):
+                usage = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": event.data["usage"],
+                }
+                yield b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+        elif event.type == "error":
+            # The SDKs raise an APIError for a chunk that carries "error".
+            error = {
+                "error": {
+                    "message": event.data["message"],
+                    "type": event.data.get("type", "api_error"),
+                    "code": event.data.get("code"),
+                }
+            }
+            yield b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"

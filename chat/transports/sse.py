@@ -1,0 +1,49 @@
+"""Server-Sent Events over a generation's Redis stream.
+
+Each event carries the stream entry id as its SSE ``id``; a reconnecting client sends it back as
+``Last-Event-ID`` and continues after it, on any replica. A comment line every 15 seconds keeps
+proxies from closing an idle stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from django.http import StreamingHttpResponse
+
+from chat.metrics import ACTIVE_STREAMS
+from chat.streams import StreamEvent, read
+from tenants.redis import get_loop_redis
+
+HEARTBEAT_MS = 15_000
+HEARTBEAT = b": keep-alive\n\n"
+RECONNECT_MS = 2_000
+
+
+def format_event(event: StreamEvent) -> bytes:
+    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+
+async def event_stream(stream_key: str, *, after: str = "0-0") -> AsyncIterator[bytes]:
+    ACTIVE_STREAMS.labels("sse").inc()
+    try:
+        yield f"retry: {RECONNECT_MS}\n\n".encode()
+        async for event in read(get_loop_redis(), stream_key, after=after, block_ms=HEARTBEAT_MS):
+            yield HEARTBEAT if event is None else format_event(event)
+    finally:
+        ACTIVE_STREAMS.labels("sse").dec()
+
+
+def sse_response(body: AsyncIterator[bytes], *, headers: dict[str, str] | None = None) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache, no-transform"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+def wants_event_stream(request) -> bool:
+    return "text/event-stream" in request.META.get("HTTP_ACCEPT", "")

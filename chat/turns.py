@@ -1,0 +1,169 @@
+"""Starting, following and cancelling a turn from the web side (sync services for the views).
+
+``turn_start`` stores the user's message and hands the turn to the generation workers; the
+caller then relays the generation's event stream (chat.streams) to its client.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from chat.engine import TurnJob
+from chat.models import Bot, Conversation, Message
+from chat.selectors import EndUser
+from chat.streams import JOBS_STREAM, STREAM_TTL_SECONDS, cancel_key, generation_owner_key, generation_stream_key
+from tenants.errors import NotFound, ParleyError, ValidationFailed
+from tenants.redis import get_redis
+
+MAX_MESSAGE_CHARS = 32_000
+
+
+@dataclass(frozen=True, slots=True)
+class StartedTurn:
+    generation_id: str
+    conversation: Conversation
+    user_message: Message
+    stream_key: str
+
+
+def validate_content(content: object) -> str:
+    if not isinstance(content, str) or not content.strip():
+        raise ValidationFailed("content must be a non-empty string.", param="content")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise ValidationFailed(
+            f"content is longer than {MAX_MESSAGE_CHARS} characters.", param="content", code="message_too_long"
+        )
+    if "\x00" in content:
+        raise ValidationFailed("content must not contain NUL characters.", param="content")
+    return content
+
+
+def turn_start(*, conversation: Conversation, content: str) -> StartedTurn:
+    """Store the user's message and hand the turn to the generation workers."""
+    content = validate_content(content)
+    generation_id = str(uuid.uuid4())
+    with transaction.atomic():
+        message = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=content, generation_id=generation_id
+        )
+        Conversation.objects.filter(pk=conversation.pk).update(last_message_at=timezone.now())
+        if not conversation.title:
+            Conversation.objects.filter(pk=conversation.pk, title="").update(title=content.strip()[:80])
+    return _enqueue(conversation=conversation, message=message, generation_id=generation_id, overrides={})
+
+
+def turn_start_from_messages(*, bot: Bot, end_user: EndUser, messages: list[dict], overrides: dict) -> StartedTurn:
+    """A stateless caller (the OpenAI API) sends the whole exchange: store it as a conversation of
+    its end user, the last message being the new user turn."""
+    validate_content(messages[-1]["content"])
+    generation_id = str(uuid.uuid4())
+    now = timezone.now()
+    with transaction.atomic():
+        conversation = Conversation.objects.create(
+            bot=bot,
+            end_user_kind=end_user.kind,
+            end_user_id=end_user.id[:200],
+            title=messages[-1]["content"].strip()[:80],
+            last_message_at=now,
+        )
+        rows = [
+            Message(
+                conversation=conversation,
+                role="system" if item["role"] == "developer" else item["role"],
+                content=item["content"],
+                created_at=now + timedelta(microseconds=index),
+            )
+            for index, item in enumerate(messages)
+        ]
+        rows[-1].generation_id = generation_id
+        Message.objects.bulk_create(rows)
+    return _enqueue(conversation=conversation, message=rows[-1], generation_id=generation_id, overrides=overrides)
+
+
+def _enqueue(*, conversation: Conversation, message: Message, generation_id: str, overrides: dict) -> StartedTurn:
+    schema_name = connection.schema_name
+    job = TurnJob(
+        schema_name=schema_name,
+        generation_id=generation_id,
+        conversation_id=str(conversation.pk),
+        user_message_id=str(message.pk),
+        overrides=overrides,
+    )
+    stream_key = generation_stream_key(schema_name, generation_id)
+    owner = {
+        "conversation_id": str(conversation.pk),
+        "end_user_kind": conversation.end_user_kind,
+        "end_user_id": conversation.end_user_id,
+    }
+    created = {"generation_id": generation_id, "conversation_id": str(conversation.pk), "message_id": str(message.pk)}
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.set(generation_owner_key(schema_name, generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
+    pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
+    pipe.expire(stream_key, STREAM_TTL_SECONDS)
+    pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
+    pipe.execute()
+    return StartedTurn(
+        generation_id=generation_id, conversation=conversation, user_message=message, stream_key=stream_key
+    )
+
+
+def generation_get_for(*, generation_id: str, end_user: EndUser) -> str:
+    """The stream key of a generation the caller may follow or cancel (NotFound otherwise)."""
+    try:
+        generation_id = str(uuid.UUID(generation_id))
+    except ValueError:
+        raise NotFound("No such generation.", param="id") from None
+    schema_name = connection.schema_name
+    raw = get_redis().get(generation_owner_key(schema_name, generation_id))
+    if raw is None:
+        raise NotFound("No such generation (or it expired).", param="id")
+    owner = json.loads(raw)
+    if not end_user.sees_all and (owner["end_user_kind"], owner["end_user_id"]) != (end_user.kind, end_user.id):
+        raise NotFound("No such generation (or it expired).", param="id")
+    return generation_stream_key(schema_name, generation_id)
+
+
+def generation_cancel(*, generation_id: str, end_user: EndUser) -> None:
+    generation_get_for(generation_id=generation_id, end_user=end_user)
+    get_redis().set(cancel_key(connection.schema_name, str(uuid.UUID(generation_id))), 1, ex=STREAM_TTL_SECONDS)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitedTurn:
+    message_id: str | None
+    error: ParleyError | None
+
+
+_ERROR_STATUS = {"rate_limit_error": 429, "invalid_request_error": 400}
+_CODE_STATUS = {"provider_timeout": 504, "provider_unavailable": 503}
+
+
+def turn_wait(*, stream_key: str, timeout_seconds: float = 600) -> WaitedTurn:
+    """Block until the generation ends (for callers that did not ask for a stream)."""
+    redis = get_redis()
+    last = "0-0"
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        response = redis.xread({stream_key: last}, block=5_000, count=512)
+        for _key, entries in response or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                event_type = fields[b"type"]
+                if event_type == b"done":
+                    return WaitedTurn(message_id=json.loads(fields[b"data"])["message_id"], error=None)
+                if event_type == b"error":
+                    data = json.loads(fields[b"data"])
+                    status = _CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502))
+                    error = ParleyError(data["message"], code=data.get("code"), status_code=status)
+                    error.error_type = data.get("type", "api_error")
+                    return WaitedTurn(message_id=data.get("message_id"), error=error)
+    return WaitedTurn(
+        message_id=None, error=ParleyError("The answer took too long.", code="generation_timeout", status_code=504)
+    )

@@ -1,0 +1,163 @@
+"""One chat turn end to end over REST and SSE: a real generation worker (asyncio, own thread),
+real Redis streams, real PostgreSQL. Data is committed (the worker has its own connection) and
+removed afterwards."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import Client
+from django_tenants.utils import tenant_context
+
+from chat.models import Message
+from chat.providers.local import LocalProvider
+from tests.chat.turn_fixtures import FailingProvider
+from tests.factories import bearer, make_api_key
+
+
+def _post(client, live, content, **extra):
+    return client.post(
+        f"/api/v1/conversations/{live['conversation'].pk}/messages/",
+        {"content": content},
+        content_type="application/json",
+        **bearer(live["raw"]),
+        **extra,
+    )
+
+
+def _events(response) -> list[tuple[str, str, dict]]:
+    async def read_all() -> bytes:
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    body = async_to_sync(read_all)().decode()
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            events.append((fields["id"], fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_turn_answers_from_knowledge_and_stores_metrics(worker, live):
+    response = _post(Client(), live, "How many days do I have to return an item?")
+
+    body = response.json()
+    assert response.status_code == 200, body
+    answer = body["message"]
+    assert "30 days" in answer["content"]
+    assert "extractive" in answer["content"].lower()
+    assert answer["role"] == "assistant"
+    assert answer["provider"] == "local"
+    assert answer["finish_reason"] == "stop"
+    assert answer["tokens_in"] > 0
+    assert answer["tokens_out"] > 0
+    assert answer["ttft_ms"] is not None
+    assert answer["total_ms"] >= answer["ttft_ms"]
+    assert answer["citations"]
+    assert answer["citations"][0]["title"] == "Returns policy"
+    with tenant_context(live["tenant"]):
+        stored = list(Message.objects.filter(conversation=live["conversation"]).values_list("role", "content"))
+    assert stored == [("user", "How many days do I have to return an item?"), ("assistant", answer["content"])]
+
+
+def test_sse_stream_has_typed_ordered_events(worker, live):
+    response = _post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
+
+    events = _events(response)
+    types = [event_type for _id, event_type, _data in events]
+    assert response["Content-Type"].startswith("text/event-stream")
+    assert types[0] == "message.created"
+    assert types[-1] == "done"
+    assert "token" in types
+    assert "citation" in types
+    ids = [event_id for event_id, _type, _data in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    text = "".join(data["text"] for _id, event_type, data in events if event_type == "token")
+    done = events[-1][2]
+    with tenant_context(live["tenant"]):
+        assert Message.objects.get(pk=done["message_id"]).content == text
+    assert done["usage"]["completion_tokens"] > 0
+
+
+def test_resume_with_last_event_id_continues_exactly(worker, live):
+    first = _events(_post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream"))
+    generation_id = first[0][2]["generation_id"]
+    cut = len(first) // 2
+
+    resumed = _events(
+        Client().get(
+            f"/api/v1/generations/{generation_id}/events/", HTTP_LAST_EVENT_ID=first[cut][0], **bearer(live["raw"])
+        )
+    )
+
+    assert resumed == first[cut + 1 :]
+
+
+def test_cancel_stops_generation_and_keeps_partial_answer(worker, live, provider_choice):
+    provider_choice["provider"] = LocalProvider(seconds_per_word=0.05)
+    client = Client()
+    started = _post(client, live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
+    generation_id = started["X-Parley-Generation-Id"]
+
+    cancel = client.post(f"/api/v1/generations/{generation_id}/cancel/", **bearer(live["raw"]))
+    events = _events(started)
+
+    assert cancel.status_code == 202
+    assert events[-1][1] == "done"
+    assert events[-1][2]["finish_reason"] == "cancelled"
+    with tenant_context(live["tenant"]):
+        saved = Message.objects.get(pk=events[-1][2]["message_id"])
+    assert saved.finish_reason == "cancelled"
+    assert len(saved.content) < 200
+
+
+def test_provider_failure_is_a_clear_error(worker, live, provider_choice):
+    provider_choice["provider"] = FailingProvider()
+
+    response = _post(Client(), live, "anything")
+    streamed = _events(_post(Client(), live, "anything", HTTP_ACCEPT="text/event-stream"))
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "provider_unavailable"
+    assert streamed[-1][1] == "error"
+    assert streamed[-1][2]["code"] == "provider_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [
+        ("", 400, "invalid_request"),
+        ("   ", 400, "invalid_request"),
+        ("x" * 32_001, 400, "message_too_long"),
+        ("a\u0000b", 400, "invalid_request"),
+    ],
+    ids=["empty_case", "blank_case", "huge_case", "nul_case"],
+)
+def test_bad_message_refused_and_nothing_stored_case(live, django_db_blocker, content, status, code):
+    with django_db_blocker.unblock():
+        response = _post(Client(), live, content)
+        with tenant_context(live["tenant"]):
+            count = Message.objects.filter(conversation=live["conversation"]).count()
+
+    assert response.status_code == status, response.content
+    assert response.json()["error"]["code"] == code
+    assert count == 0
+
+
+def test_other_end_user_cannot_follow_or_cancel(worker, live, django_db_blocker):
+    first = _events(_post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream"))
+    generation_id = first[0][2]["generation_id"]
+    with django_db_blocker.unblock():
+        other, other_raw = make_api_key(live["tenant"], scopes=["chat"])
+    try:
+        follow = Client().get(f"/api/v1/generations/{generation_id}/events/", **bearer(other_raw))
+        cancel = Client().post(f"/api/v1/generations/{generation_id}/cancel/", **bearer(other_raw))
+        unknown = Client().get(f"/api/v1/generations/{uuid.uuid4()}/events/", **bearer(live["raw"]))
+    finally:
+        with django_db_blocker.unblock():
+            other.delete()
+
+    assert (follow.status_code, cancel.status_code, unknown.status_code) == (404, 404, 404)
