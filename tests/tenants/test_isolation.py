@@ -6,6 +6,7 @@ objects with placeholders ({key}, {bot}, {conversation}) filled from tenant A (o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ from django_tenants.utils import tenant_context
 
 from chat.models import Bot, Conversation
 from chat.services import bot_create, conversation_create
+from chat.turns import turn_start
 from tenants.models import ApiKey
 from tenants.resolution import api_key_cache_invalidate
 from tenants.services import api_key_revoke, membership_set
@@ -50,6 +52,23 @@ ENDPOINTS = [
     Endpoint("conversation_get", "get", "/api/v1/conversations/{conversation}/", "chat"),
     Endpoint("conversation_delete", "delete", "/api/v1/conversations/{conversation}/", "chat", None, 204),
     Endpoint("messages_list", "get", "/api/v1/conversations/{conversation}/messages/", "chat"),
+    # Streaming variants answer at once (the turn runs in a generation worker; none runs here).
+    Endpoint(
+        "message_post",
+        "post",
+        "/api/v1/conversations/{conversation}/messages/",
+        "chat",
+        {"content": "hi", "stream": True},
+    ),
+    Endpoint("generation_events", "get", "/api/v1/generations/{generation}/events/", "chat"),
+    Endpoint("generation_cancel", "post", "/api/v1/generations/{generation}/cancel/", "chat", None, 202),
+    Endpoint(
+        "chat_completions",
+        "post",
+        "/v1/chat/completions",
+        "chat",
+        {"model": "{bot}", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    ),
 ]
 OBJECT_ENDPOINTS = [e for e in ENDPOINTS if "{" in e.path]
 SCOPED_ENDPOINTS = [e for e in ENDPOINTS if e.scope]
@@ -65,6 +84,7 @@ class TenantObjects:
     raw_key: str
     bot: Bot
     conversation: Conversation
+    generation_id: str
 
 
 def _objects(tenant, label: str) -> TenantObjects:
@@ -72,7 +92,8 @@ def _objects(tenant, label: str) -> TenantObjects:
     with tenant_context(tenant):
         bot = bot_create(name=f"{label}-secret-bot")
         conversation = conversation_create(bot=bot, end_user_kind="api", end_user_id=f"key:{key.pk}")
-    return TenantObjects(key=key, raw_key=raw, bot=bot, conversation=conversation)
+        generation_id = turn_start(conversation=conversation, content="hello").generation_id
+    return TenantObjects(key=key, raw_key=raw, bot=bot, conversation=conversation, generation_id=generation_id)
 
 
 @pytest.fixture
@@ -80,18 +101,24 @@ def world(tenant_pair):
     return {"a": _objects(tenant_pair.a, "a"), "b": _objects(tenant_pair.b, "b")}
 
 
-def _path(endpoint: Endpoint, objects: TenantObjects) -> str:
+def _fill(text: str, objects: TenantObjects) -> str:
     return (
-        endpoint.path.replace("{key}", str(objects.key.pk))
+        text.replace("{key}", str(objects.key.pk))
         .replace("{bot}", objects.bot.public_id)
         .replace("{conversation}", str(objects.conversation.pk))
+        .replace("{generation}", objects.generation_id)
     )
 
 
-def _call(client, endpoint: Endpoint, path: str, **extra):
+def _path(endpoint: Endpoint, objects: TenantObjects) -> str:
+    return _fill(endpoint.path, objects)
+
+
+def _call(client, endpoint: Endpoint, path: str, objects: TenantObjects | None = None, **extra):
     method = getattr(client, endpoint.method)
     if endpoint.body is not None:
-        return method(path, data=endpoint.body, content_type="application/json", **extra)
+        body = json.loads(_fill(json.dumps(endpoint.body), objects)) if objects else endpoint.body
+        return method(path, data=body, content_type="application/json", **extra)
     return method(path, **extra)
 
 
@@ -111,13 +138,20 @@ def _assert_error(response, status: int, world):
     assert set(error) >= {"message", "type", "code"}
     body = response.content.decode()
     b = world["b"]
-    for secret in ("b-main-secret-name", "b-secret-bot", b.key.prefix, b.bot.public_id, str(b.conversation.pk)):
+    for secret in (
+        "b-main-secret-name",
+        "b-secret-bot",
+        b.key.prefix,
+        b.bot.public_id,
+        str(b.conversation.pk),
+        b.generation_id,
+    ):
         assert secret not in body
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=_ids(ENDPOINTS))
 def test_success_case_own_tenant(client, world, endpoint):
-    response = _call(client, endpoint, _path(endpoint, world["a"]), **bearer(world["a"].raw_key))
+    response = _call(client, endpoint, _path(endpoint, world["a"]), world["a"], **bearer(world["a"].raw_key))
 
     assert response.status_code == endpoint.success, response.content
 
@@ -126,7 +160,7 @@ def test_success_case_own_tenant(client, world, endpoint):
 def test_no_credentials_case(client, tenant_pair, world, endpoint):
     before = _snapshot(tenant_pair, world)
 
-    response = _call(client, endpoint, _path(endpoint, world["b"]), HTTP_HOST=host_of(tenant_pair.b))
+    response = _call(client, endpoint, _path(endpoint, world["b"]), world["b"], HTTP_HOST=host_of(tenant_pair.b))
 
     _assert_error(response, 401, world)
     assert _snapshot(tenant_pair, world) == before
@@ -137,7 +171,12 @@ def test_a_credentials_on_b_host_case(client, tenant_pair, world, endpoint):
     before = _snapshot(tenant_pair, world)
 
     response = _call(
-        client, endpoint, _path(endpoint, world["b"]), HTTP_HOST=host_of(tenant_pair.b), **bearer(world["a"].raw_key)
+        client,
+        endpoint,
+        _path(endpoint, world["b"]),
+        world["b"],
+        HTTP_HOST=host_of(tenant_pair.b),
+        **bearer(world["a"].raw_key),
     )
 
     _assert_error(response, 401, world)
@@ -148,7 +187,7 @@ def test_a_credentials_on_b_host_case(client, tenant_pair, world, endpoint):
 def test_naming_b_object_with_a_credentials_case(client, tenant_pair, world, endpoint):
     before = _snapshot(tenant_pair, world)
 
-    response = _call(client, endpoint, _path(endpoint, world["b"]), **bearer(world["a"].raw_key))
+    response = _call(client, endpoint, _path(endpoint, world["b"]), world["b"], **bearer(world["a"].raw_key))
 
     assert response.status_code == 404, response.content
     assert response.json()["error"]["type"] == "not_found_error"
@@ -170,7 +209,7 @@ def test_unusable_key_case(client, tenant_pair, world, endpoint, key_state):
         raw = raw[:-4] + ("aaaa" if not raw.endswith("aaaa") else "bbbb")
     count = ApiKey.objects.count()
 
-    response = _call(client, endpoint, _path(endpoint, world["a"]), **bearer(raw))
+    response = _call(client, endpoint, _path(endpoint, world["a"]), world["a"], **bearer(raw))
 
     _assert_error(response, 401, world)
     assert ApiKey.objects.count() == count
@@ -183,7 +222,7 @@ def test_wrong_scope_case(client, tenant_pair, world, endpoint):
     with tenant_context(tenant_pair.a):
         bots_before = list(Bot.objects.values_list("pk", "name"))
 
-    response = _call(client, endpoint, _path(endpoint, world["a"]), **bearer(raw))
+    response = _call(client, endpoint, _path(endpoint, world["a"]), world["a"], **bearer(raw))
 
     assert response.status_code == 403, response.content
     assert response.json()["error"]["code"] == "insufficient_scope"
