@@ -112,3 +112,12 @@ def live(django_db_blocker, tenant_pair):
                 bot_delete(bot=Bot.objects.get(pk=bot.pk))
                 KnowledgeBase.objects.filter(name__startswith="live-handbook-").delete()
             ApiKey.objects.filter(pk=api_key.pk).delete()
+
+
+@pytest.fixture
+def routed_worker(django_db_blocker, live):
+    """A generation worker that builds each bot's real provider route (chat.providers.registry)."""
+    from chat.providers.registry import build_route
+
+    with django_db_blocker.unblock(), WorkerThread(build_route) as running:
+        yield running
