@@ -83,6 +83,9 @@ class GenerationWorker:
                     self._spawn(entry_id, fields, orphan=False)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
+        from chat.providers.registry import routes_close
+
+        await routes_close()  # connection pools and pool scrapers of this loop
 
     def _spawn(self, entry_id, fields, *, orphan: bool) -> None:
         task = asyncio.create_task(self._handle(entry_id, fields, orphan=orphan))

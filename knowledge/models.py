@@ -35,7 +35,8 @@ class Chunk(models.Model):
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="chunks")
     position = models.PositiveIntegerField()
     text = models.TextField()
-    embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS)
+    # Null until the chunk has been embedded (ingestion embeds in batches after storing the text).
+    embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True)
     search_vector = SearchVectorField(null=True)
 
     class Meta:

@@ -3,9 +3,11 @@ write them to var/demo.json for scripts. Development only."""
 
 import json
 import secrets
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django_tenants.utils import tenant_context
 
 from tenants.models import ApiKey, Tenant, User
 from tenants.resolution import api_key_resolve
@@ -19,6 +21,9 @@ from tenants.services import (
 
 DEMO_SLUG = "demo"
 DEMO_EMAIL = "owner@demo.parley.local"
+
+
+KNOWLEDGE_FILE = Path(__file__).with_name("demo_knowledge.md")
 
 
 class Command(BaseCommand):
@@ -52,6 +57,8 @@ class Command(BaseCommand):
                 tenant=tenant, name="Demo key (make run)", scopes=list(ApiKey.Scope.values)
             ).raw_key
 
+        bot_public_id = self._demo_bot(tenant, previous.get("bot_public_id"))
+
         port = options["port"]
         base_url = f"http://127.0.0.1:{port}"
         demo = {
@@ -64,6 +71,7 @@ class Command(BaseCommand):
             "email": DEMO_EMAIL,
             "password": password,
             "api_key": api_key,
+            "bot_public_id": bot_public_id,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(demo, indent=2) + "\n")
@@ -78,9 +86,36 @@ class Command(BaseCommand):
                     f"  API docs   : {demo['api_docs_url']}",
                     f"  Login      : {DEMO_EMAIL} / {password}",
                     f"  API key    : {api_key}",
+                    f"  Demo bot   : {bot_public_id}",
                     f"  Try it     : curl -H 'Authorization: Bearer {api_key}' {base_url}/v1/models",
+                    f"               curl -N {base_url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
+                    f'-H \'Content-Type: application/json\' -d \'{{"model": "{bot_public_id}", "stream": true, '
+                    f'"messages": [{{"role": "user", "content": "How do API keys work?"}}]}}\'',
                     f"  (also in {path})",
                     "",
                 ]
             )
         )
+
+    def _demo_bot(self, tenant, previous_public_id: str | None) -> str:
+        from chat.models import Bot
+        from chat.services import bot_create
+        from knowledge.services import document_create_from_text, knowledge_base_create
+
+        with tenant_context(tenant):
+            bot = Bot.objects.filter(public_id=previous_public_id).first() if previous_public_id else None
+            if bot is None:
+                bot = Bot.objects.filter(name="Parley Guide").first()
+            if bot is None:
+                knowledge_base = knowledge_base_create(name="Parley handbook")
+                for section in KNOWLEDGE_FILE.read_text().split("\n# ")[0:]:
+                    title, _, body = section.lstrip("# ").partition("\n")
+                    document_create_from_text(knowledge_base=knowledge_base, title=title.strip(), text=body)
+                bot = bot_create(
+                    name="Parley Guide",
+                    system_prompt="You answer questions about Parley from its handbook.",
+                    knowledge_bases=[knowledge_base.pk],
+                    greeting="Hi! Ask me anything about Parley.",
+                    allowed_origins=["http://localhost:8000", "http://127.0.0.1:8000"],
+                )
+            return bot.public_id
