@@ -7,6 +7,7 @@ endpoint checks "may this caller do X in this tenant" the same way whoever the c
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -117,8 +118,17 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     return ApiKeyUser(record), context
 
 
+_touched_here: dict[int, float] = {}
+
+
 def _touch(record: ApiKeyRecord, now) -> None:
-    # One write per key per minute at most, and off the request path.
+    # One write per key per minute at most, and off the request path; a process-local note
+    # spares even the Redis round trip for keys this process touched within the minute.
+    seconds = LAST_USED_RESOLUTION.total_seconds()
+    moment = time.monotonic()
+    if moment - _touched_here.get(record.id, -seconds) < seconds:
+        return
+    _touched_here[record.id] = moment
     if get_redis().set(f"parley:apikey:touched:{record.id}", 1, nx=True, ex=int(LAST_USED_RESOLUTION.total_seconds())):
         from tenants.tasks import api_key_touch_task
 

@@ -18,7 +18,7 @@ from django.utils.functional import SimpleLazyObject
 
 from tenants.errors import TenantSuspended, error_response
 from tenants.health import readiness
-from tenants.resolution import api_key_resolve, public_tenant, tenant_resolve_by_host, tenant_resolve_by_public_bot
+from tenants.resolution import public_tenant, tenant_and_key_resolve, tenant_resolve_by_public_bot
 from tenants.services import api_key_parse_prefix
 
 _BOT_PATH = re.compile(r"^/(?:api/v1/widget|ws)/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
@@ -42,9 +42,15 @@ class HealthCheckMiddleware:
         return self.get_response(request)
 
 
-def _hostname(request: HttpRequest) -> str:
-    host = request.get_host().rsplit(":", 1)[0] if ":" in request.get_host() else request.get_host()
-    return host.lower().removeprefix("www.")
+def _tenant_hostname(request: HttpRequest) -> str | None:
+    """The request's host if it could be a tenant's (not the bare domain, not an IP address)."""
+    host = request.get_host()
+    if host.startswith("["):  # IPv6 literal
+        return None
+    host = host.rsplit(":", 1)[0].lower().removeprefix("www.")
+    if host == settings.PARLEY_BASE_DOMAIN or host.replace(".", "").isdigit():
+        return None
+    return host
 
 
 class TenantResolutionMiddleware:
@@ -61,10 +67,9 @@ class TenantResolutionMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         structlog.contextvars.clear_contextvars()
         connection.set_schema_to_public()
-        tenant = tenant_resolve_by_host(_hostname(request))
         prefix = self._api_key_prefix(request)
+        tenant, record = tenant_and_key_resolve(_tenant_hostname(request), prefix)
         if prefix is not None:
-            record = api_key_resolve(prefix)
             request.api_key_record = record
             if tenant is None and record is not None:
                 tenant = record.tenant

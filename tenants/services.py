@@ -52,6 +52,9 @@ def tenant_template_sync(*, verbosity: int = 0) -> SchemaTemplate | None:
     ddl = _dump_template_ddl()
     if ddl is None:
         return None
+    latest = SchemaTemplate.objects.order_by("-created_at").first()
+    if latest is not None and latest.ddl == ddl:
+        return latest
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -66,7 +69,9 @@ def tenant_template_sync(*, verbosity: int = 0) -> SchemaTemplate | None:
                 data_tables.append(table)
         cursor.execute(f'SELECT count(*) FROM "{TEMPLATE_SCHEMA}".django_migrations')
         migrations_applied = cursor.fetchone()[0]
-    return SchemaTemplate.objects.create(ddl=ddl, data_tables=data_tables, migrations_applied=migrations_applied)
+    template = SchemaTemplate.objects.create(ddl=ddl, data_tables=data_tables, migrations_applied=migrations_applied)
+    SchemaTemplate.objects.exclude(pk=template.pk).delete()
+    return template
 
 
 def _dump_template_ddl() -> str | None:
