@@ -145,3 +145,25 @@ def test_command_errors_are_clear():
         _run("api_key_create", "nope", "--name", "x")
     with pytest.raises(CommandError, match="Scopes must be"):
         _run("api_key_create", "acme", "--name", "x", "--scopes", "everything")
+
+
+def test_provisioned_schema_has_no_foreign_keys_into_public(tenant_pair):
+    from django.db import connection
+
+    tenant = tenant_create(name="Wayne", slug="wayne")
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "JOIN pg_namespace n ON n.oid = t.relnamespace JOIN pg_class r ON r.oid = c.confrelid "
+            "JOIN pg_namespace rn ON rn.oid = r.relnamespace "
+            "WHERE c.contype = 'f' AND n.nspname = %s AND rn.nspname = 'public'",
+            [tenant.schema_name],
+        )
+        assert cursor.fetchone() == (0,)
+        cursor.execute(
+            "SELECT count(*) FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE c.contype = 'f' AND n.nspname = %s",
+            [tenant.schema_name],
+        )
+        assert cursor.fetchone()[0] > 0  # foreign keys inside the schema are kept
