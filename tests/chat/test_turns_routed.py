@@ -114,3 +114,51 @@ def test_no_retry_after_first_token(routed_worker, routed_bot, mock_llms, django
         saved = _saved(routed_bot, events[-1][1]["message_id"])
     assert saved.finish_reason == "error"
     assert saved.content == "".join(tokens)
+
+
+async def test_websocket_streams_the_models_answer(routed_worker, routed_bot, django_db_blocker):
+    from channels.testing import WebsocketCommunicator
+
+    from config.asgi import application
+
+    communicator = WebsocketCommunicator(
+        application,
+        f"/ws/bots/{routed_bot['bot'].public_id}/",
+        headers=[(b"host", b"localhost"), (b"authorization", f"Bearer {routed_bot['raw']}".encode())],
+    )
+    assert (await communicator.connect())[0]
+    await communicator.send_json_to({"type": "message", "content": "Tell me something"})
+    frames = []
+    while not frames or frames[-1]["type"] not in ("done", "error"):
+        frames.append(await communicator.receive_json_from(timeout=10))
+    await communicator.disconnect()
+
+    text = "".join(frame["data"]["text"] for frame in frames if frame["type"] == "token")
+    assert frames[-1]["type"] == "done"
+    assert frames[-1]["data"]["provider"] == "mock-0"
+    assert text.split() == ANSWER_TEXT.split()[: len(text.split())]
+
+
+@pytest.mark.slow
+def test_openai_sdk_streams_the_models_answer(routed_worker, routed_bot):
+    import openai
+
+    from tests.chat.live import LiveServer
+
+    server = LiveServer()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=routed_bot["raw"], max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model=routed_bot["bot"].public_id,
+                messages=[{"role": "user", "content": "Tell me something"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    finally:
+        server.stop()
+
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text.split() == ANSWER_TEXT.split()[: len(text.split())]
+    assert chunks[-1].usage.completion_tokens == len(text.split())
