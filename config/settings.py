@@ -55,6 +55,9 @@ SHARED_APPS = [
     "channels",
     "axes",
     "django_structlog",
+    # Also shared (empty in public) so that deleting a user, a public row, can look for its
+    # tokens there; tenants' applications and tokens live in their own schemas.
+    "oauth2_provider",
 ]
 TENANT_APPS = [
     "django.contrib.contenttypes",

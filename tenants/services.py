@@ -226,6 +226,28 @@ def user_create(*, email: str, password: str | None, full_name: str = "") -> Use
     return User.objects.create_user(email=email, password=password, full_name=full_name)
 
 
+_USER_TABLES = (  # tenant-schema tables that reference public users (without a foreign key)
+    "oauth2_provider_idtoken",
+    "oauth2_provider_refreshtoken",
+    "oauth2_provider_accesstoken",
+    "oauth2_provider_grant",
+    "oauth2_provider_devicegrant",
+    "oauth2_provider_application",
+)
+
+
+def user_delete(*, user: User) -> None:
+    """Delete a person: their OAuth2 applications and tokens in every tenant, then the user
+    (memberships cascade; API keys they created stay, with no creator)."""
+    schemas = list(Tenant.objects.values_list("schema_name", flat=True))
+    with transaction.atomic(), connection.cursor() as cursor:
+        for schema_name in schemas:
+            for table in _USER_TABLES:
+                cursor.execute(f'DELETE FROM "{schema_name}"."{table}" WHERE user_id = %s', [user.pk])
+        connection.set_schema_to_public()
+        user.delete()
+
+
 def membership_set(*, user: User, tenant: Tenant, role: str) -> Membership:
     if role not in Membership.Role.values:
         raise ValidationFailed(f"Role must be one of {', '.join(Membership.Role.values)}.", param="role")

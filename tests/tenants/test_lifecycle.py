@@ -167,3 +167,36 @@ def test_provisioned_schema_has_no_foreign_keys_into_public(tenant_pair):
             [tenant.schema_name],
         )
         assert cursor.fetchone()[0] > 0  # foreign keys inside the schema are kept
+
+
+def test_user_delete_removes_their_tokens_in_every_tenant(tenant_pair):
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from oauth2_provider.models import AccessToken, Application
+
+    from tenants.models import User
+    from tenants.services import membership_set, user_delete
+
+    person = make_user()
+    membership_set(user=person, tenant=tenant_pair.a, role="member")
+    for tenant in (tenant_pair.a, tenant_pair.b):
+        with tenant_context(tenant):
+            application = Application.objects.create(
+                name="app", client_type="confidential", authorization_grant_type="client-credentials", user=person
+            )
+            AccessToken.objects.create(
+                user=person,
+                application=application,
+                token=f"token-{tenant.slug}",
+                expires=timezone.now() + timedelta(hours=1),
+                scope="chat",
+            )
+
+    user_delete(user=person)
+
+    assert not User.objects.filter(pk=person.pk).exists()
+    for tenant in (tenant_pair.a, tenant_pair.b):
+        with tenant_context(tenant):
+            assert not AccessToken.objects.filter(user_id=person.pk).exists()
+            assert not Application.objects.filter(user_id=person.pk).exists()
