@@ -22,7 +22,7 @@ from django.utils import timezone
 from chat import metrics
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
-from chat.streams import cancel_key, generation_stream_key, publish
+from chat.streams import CoalescingPublisher, cancel_key, generation_stream_key
 from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
 
@@ -172,8 +172,9 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     inputs = await in_tenant(job.schema_name, load_inputs, job)
     sources = await in_tenant(job.schema_name, retrieve_sources, inputs)
     request = build_request(job, inputs, sources)
+    publisher = CoalescingPublisher(redis, stream_key)
     try:
-        await _stream_answer(request, route_for(inputs.provider_route), job, stream_key, redis, outcome, started)
+        await _stream_answer(request, route_for(inputs.provider_route), job, publisher, redis, outcome, started)
     except ProviderError as error:
         outcome.error = error
         outcome.finish_reason = "error"
@@ -181,9 +182,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     outcome.message_id = await in_tenant(job.schema_name, save_answer, job, outcome)
     _record_metrics(job, outcome)
     if outcome.error is not None:
-        await publish(
-            redis,
-            stream_key,
+        await publisher.close(
             "error",
             {
                 "message": outcome.error.message,
@@ -195,9 +194,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
         )
     else:
         usage = outcome.usage
-        await publish(
-            redis,
-            stream_key,
+        await publisher.close(
             "done",
             {
                 "message_id": outcome.message_id,
@@ -230,7 +227,9 @@ def _record_metrics(job: TurnJob, outcome: TurnOutcome) -> None:
         metrics.TURN_TOKENS.labels(tenant, "out").inc(outcome.usage.completion_tokens)
 
 
-async def _stream_answer(request, route, job, stream_key, redis, outcome: TurnOutcome, started: float) -> None:
+async def _stream_answer(
+    request, route, job, publisher: CoalescingPublisher, redis, outcome: TurnOutcome, started: float
+) -> None:
     parts: list[str] = []
     next_cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
     try:
@@ -240,7 +239,7 @@ async def _stream_answer(request, route, job, stream_key, redis, outcome: TurnOu
                     if outcome.ttft_ms is None:
                         outcome.ttft_ms = round((time.perf_counter() - started) * 1000, 2)
                     parts.append(event.text)
-                    await publish(redis, stream_key, "token", {"text": event.text})
+                    await publisher.add("token", {"text": event.text})
                 elif isinstance(event, Citation):
                     citation = {
                         "index": event.index,
@@ -249,7 +248,7 @@ async def _stream_answer(request, route, job, stream_key, redis, outcome: TurnOu
                         "quote": event.quote,
                     }
                     outcome.citations.append(citation)
-                    await publish(redis, stream_key, "citation", citation)
+                    await publisher.add("citation", citation)
                 elif isinstance(event, Usage):
                     outcome.usage = event
                     outcome.finish_reason = event.finish_reason

@@ -1,0 +1,65 @@
+"""The per-generation stream publisher: order kept, bursts merged, slow tokens not delayed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from chat.streams import CoalescingPublisher
+from tenants.redis import get_async_redis
+
+
+async def _events(redis, key) -> list[tuple[str, dict]]:
+    return [(fields[b"type"].decode(), json.loads(fields[b"data"])) for _id, fields in await redis.xrange(key)]
+
+
+async def test_burst_of_tokens_is_merged_in_order():
+    redis = get_async_redis()
+    publisher = CoalescingPublisher(redis, "t:test:gen:burst", frame_seconds=0.05)
+
+    for index in range(20):
+        await publisher.add("token", {"text": f"w{index} "})
+    await publisher.add("citation", {"index": 1})
+    await publisher.add("token", {"text": "end"})
+    await publisher.close("done", {"finish_reason": "stop"})
+
+    events = await _events(redis, "t:test:gen:burst")
+    types = [event_type for event_type, _data in events]
+    text = "".join(data["text"] for event_type, data in events if event_type == "token")
+    assert text == "".join(f"w{index} " for index in range(20)) + "end"
+    assert types[0] == "token"
+    assert events[0][1] == {"text": "w0 "}  # the first token is not held back
+    assert types.count("token") <= 3
+    assert types[-2:] == ["token", "done"]
+    assert types.index("citation") < len(types) - 2
+    assert 0 < await redis.ttl("t:test:gen:burst") <= 3600
+    await redis.aclose()
+
+
+async def test_slow_tokens_are_not_delayed_or_merged():
+    redis = get_async_redis()
+    publisher = CoalescingPublisher(redis, "t:test:gen:slow", frame_seconds=0.01)
+
+    for index in range(3):
+        await publisher.add("token", {"text": str(index)})
+        await asyncio.sleep(0.03)
+    events_before_close = await _events(redis, "t:test:gen:slow")
+    await publisher.close("done", {})
+
+    assert events_before_close == [("token", {"text": "0"}), ("token", {"text": "1"}), ("token", {"text": "2"})]
+    await redis.aclose()
+
+
+async def test_pending_tokens_flush_without_a_next_event():
+    redis = get_async_redis()
+    publisher = CoalescingPublisher(redis, "t:test:gen:timer", frame_seconds=0.05)
+
+    await publisher.add("token", {"text": "a"})
+    await publisher.add("token", {"text": "b"})  # held: within the frame
+    held = await _events(redis, "t:test:gen:timer")
+    await asyncio.sleep(0.1)  # the provider stalls; the frame timer must flush "b" anyway
+    flushed = await _events(redis, "t:test:gen:timer")
+
+    assert held == [("token", {"text": "a"})]
+    assert flushed == [("token", {"text": "a"}), ("token", {"text": "b"})]
+    await redis.aclose()
