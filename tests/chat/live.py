@@ -50,7 +50,9 @@ class LiveServer:
             "REDIS_URL": settings.REDIS_URL,
             "PYTHONUNBUFFERED": "1",
         }
-        self.log = open(BASE_DIR / "var" / f"live-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log_path = BASE_DIR / "var" / "live" / f"{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "daphne"),
@@ -74,7 +76,7 @@ class LiveServer:
             except httpx.HTTPError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"live server on {self.port} did not start; see var/live-{self.port}.log")
+        raise RuntimeError(f"live server on {self.port} did not start; see {self.log_path}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -83,3 +85,5 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+        if b"Traceback" not in self.log_path.read_bytes():
+            self.log_path.unlink()  # keep only logs worth reading
