@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.renderers import JSONRenderer
@@ -109,6 +110,7 @@ class BotDetailApi(TenantAPIView):
         bot = services.bot_update(bot=bot, **serializer.validated_data)
         return Response(BotOutputSerializer(bot).data)
 
+    @extend_schema(responses={204: None})
     def delete(self, request, bot_id: str):
         services.bot_delete(bot=selectors.bot_get(public_id=bot_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -163,6 +165,7 @@ class ConversationDetailApi(TenantAPIView):
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
         return Response(ConversationOutputSerializer(conversation).data)
 
+    @extend_schema(responses={204: None})
     def delete(self, request, conversation_id: str):
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
         services.conversation_delete(conversation=conversation)
@@ -243,6 +246,10 @@ class GenerationEventsApi(EventStreamNegotiationMixin, TenantAPIView):
 
     required_scopes = {"GET": "chat"}
 
+    @extend_schema(
+        responses={(200, "text/event-stream"): OpenApiTypes.STR},
+        description="Server-Sent Events: message.created, token, citation, done, error; each with an id.",
+    )
     def get(self, request, generation_id: str):
         stream_key = turns.generation_get_for(generation_id=generation_id, end_user=end_user_of(request))
         after = parse_last_event_id(request.headers.get("Last-Event-ID") or request.GET.get("last_event_id"))
@@ -252,6 +259,7 @@ class GenerationEventsApi(EventStreamNegotiationMixin, TenantAPIView):
 class GenerationCancelApi(TenantAPIView):
     required_scopes = {"POST": "chat"}
 
+    @extend_schema(request=None, responses={202: OpenApiTypes.OBJECT})
     def post(self, request, generation_id: str):
         turns.generation_cancel(generation_id=generation_id, end_user=end_user_of(request))
         return Response({"id": generation_id, "status": "cancelling"}, status=status.HTTP_202_ACCEPTED)
@@ -265,6 +273,7 @@ class ModelListApi(TenantAPIView):
 
     required_scopes = {"GET": "chat"}
 
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})
     def get(self, request):
         return Response(
             {

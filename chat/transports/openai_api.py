@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -86,6 +88,11 @@ def _overrides(data: dict) -> dict:
 class ChatCompletionsApi(TenantAPIView):
     required_scopes = {"POST": "chat"}
 
+    @extend_schema(
+        request=ChatCompletionInputSerializer,
+        responses={200: OpenApiTypes.OBJECT, (200, "text/event-stream"): OpenApiTypes.STR},
+        description="OpenAI's chat completions API; `model` is a bot's public id (see /v1/models).",
+    )
     def post(self, request):
         from chat.apis import end_user_of  # the REST module owns the end-user mapping
 
