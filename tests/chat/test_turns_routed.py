@@ -126,7 +126,7 @@ async def test_websocket_streams_the_models_answer(routed_worker, routed_bot, dj
         f"/ws/bots/{routed_bot['bot'].public_id}/",
         headers=[(b"host", b"localhost"), (b"authorization", f"Bearer {routed_bot['raw']}".encode())],
     )
-    assert (await communicator.connect())[0]
+    assert (await communicator.connect(timeout=10))[0]
     await communicator.send_json_to({"type": "message", "content": "Tell me something"})
     frames = []
     while not frames or frames[-1]["type"] not in ("done", "error"):

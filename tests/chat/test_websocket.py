@@ -46,7 +46,7 @@ async def _until_terminal(communicator) -> list[dict]:
 
 async def test_visitor_chats_over_websocket(worker, widget_bot):
     communicator = _communicator(widget_bot["bot"].public_id)
-    connected, _ = await communicator.connect()
+    connected, _ = await communicator.connect(timeout=10)
     assert connected
 
     await communicator.send_json_to({"type": "message", "content": "How are refunds paid?"})
@@ -64,14 +64,14 @@ async def test_visitor_chats_over_websocket(worker, widget_bot):
 async def test_resume_and_cancel_from_the_client(worker, widget_bot, provider_choice):
     provider_choice["provider"] = LocalProvider(seconds_per_word=0.03)
     communicator = _communicator(widget_bot["bot"].public_id)
-    await communicator.connect()
+    await communicator.connect(timeout=10)
     await communicator.send_json_to({"type": "message", "content": "How are refunds paid?"})
     created = await communicator.receive_json_from(timeout=10)
     first_token = await communicator.receive_json_from(timeout=10)
     await communicator.disconnect()
 
     again = _communicator(widget_bot["bot"].public_id)
-    await again.connect()
+    await again.connect(timeout=10)
     generation_id = created["data"]["generation_id"]
     await again.send_json_to({"type": "resume", "generation_id": generation_id, "last_event_id": first_token["id"]})
     resumed = await again.receive_json_from(timeout=10)
@@ -97,13 +97,13 @@ async def test_resume_and_cancel_from_the_client(worker, widget_bot, provider_ch
 async def test_refused_connections_case(widget_bot, origin, query):
     communicator = _communicator(widget_bot["bot"].public_id, origin=origin, query=query)
 
-    connected, code = await communicator.connect()
+    connected, code = await communicator.connect(timeout=10)
 
     assert (connected, code) == (False, 4403)
 
 
 async def test_unknown_bot_refused(widget_bot):
-    connected, _code = await _communicator("bot_unknown123").connect()
+    connected, _code = await _communicator("bot_unknown123").connect(timeout=10)
 
     assert not connected
 
@@ -112,7 +112,7 @@ async def test_api_key_client_needs_no_origin(worker, widget_bot):
     communicator = _communicator(
         widget_bot["bot"].public_id, origin=None, query="", authorization=f"Bearer {widget_bot['raw']}"
     )
-    connected, _ = await communicator.connect()
+    connected, _ = await communicator.connect(timeout=10)
     assert connected
 
     await communicator.send_json_to({"type": "message", "content": "How many days to return an item?"})
@@ -124,7 +124,7 @@ async def test_api_key_client_needs_no_origin(worker, widget_bot):
 
 async def test_bad_frames_get_errors_not_disconnects(widget_bot):
     communicator = _communicator(widget_bot["bot"].public_id)
-    await communicator.connect()
+    await communicator.connect(timeout=10)
 
     await communicator.send_json_to({"type": "launch"})
     unknown = await communicator.receive_json_from(timeout=5)

@@ -65,8 +65,8 @@ def _communicator(host: str) -> WebsocketCommunicator:
 async def test_consumers_of_two_tenants_see_only_their_rows(committed):
     a = _communicator(host_of(committed.a))
     b = _communicator(host_of(committed.b))
-    assert (await a.connect())[0]
-    assert (await b.connect())[0]
+    assert (await a.connect(timeout=10))[0]
+    assert (await b.connect(timeout=10))[0]
 
     # Interleave so the shared database thread serves A, B, A, B.
     answers = []
@@ -88,14 +88,14 @@ async def test_websocket_to_unknown_or_suspended_tenant_refused(committed, djang
     from tenants.services import tenant_activate, tenant_suspend
 
     unknown = _communicator("nobody.localhost")
-    connected, code = await unknown.connect()
+    connected, code = await unknown.connect(timeout=10)
     assert (connected, code) == (False, 4403)
 
     with django_db_blocker.unblock():
         await asyncio.to_thread(tenant_suspend, tenant=committed.b)
     try:
         suspended = _communicator(host_of(committed.b))
-        connected, code = await suspended.connect()
+        connected, code = await suspended.connect(timeout=10)
         assert (connected, code) == (False, 4403)
     finally:
         with django_db_blocker.unblock():
