@@ -33,6 +33,8 @@ migrate: install
 	$(PY) manage.py migrate_all
 
 bench: install
+	@command -v wrk >/dev/null || { echo "Installing wrk (Debian package) for the load benchmarks…"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; } || true
 	DATABASE_TEST_NAME=parley_bench REDIS_TEST_DB=10 PARLEY_ENV=test $(PY) -m pytest tests/perf -p no:randomly -s -o addopts="" --reuse-db
 
 clean-var:
