@@ -737,7 +737,7 @@ def _ttft_split_lines(results: dict) -> list[str]:
             f"; the rest — web request, storing the exchange, the job queue, relaying the first token — is about "
             f"{min(parley) - worker['p50']:.1f} ms at p50 (difference of medians)."
         )
-    return lines
+    return [*lines, ""]
 
 
 def _error_lines(results: dict) -> list[str]:
@@ -745,7 +745,9 @@ def _error_lines(results: dict) -> list[str]:
     for name, errors in results["server_errors"].items():
         for entry in errors:
             lines.append(f"- {name} log: {entry['count']} x `{entry['error']}`")
-    return ["Errors in the servers' logs over the whole run (why answers were invalid):", "", *lines] if lines else []
+    if not lines:
+        return []
+    return ["Errors in the servers' logs over the whole run (why answers were invalid):", "", *lines, ""]
 
 
 def _markdown(results: dict) -> str:
@@ -763,9 +765,7 @@ def _markdown(results: dict) -> str:
         markdown_table(_TTFT_HEADERS, _ttft_rows(results)),
         "",
         *_ttft_split_lines(results),
-        "",
         *_error_lines(results),
-        "",
         f"Relaying tokens worker → web process ({RELAY_GENERATIONS} generations at once x {RELAY_TOKENS} tokens, "
         f"best of {RELAY_ROUNDS} alternating rounds; each side on its own event loop and thread):",
         "",
@@ -797,9 +797,7 @@ def _text(results: dict) -> str:
         "",
         text_table(_TTFT_HEADERS, _ttft_rows(results)),
         *_ttft_split_lines(results),
-        "",
         *_error_lines(results),
-        "",
         text_table(_RELAY_HEADERS, _relay_rows(results)),
     ]
     for name, profile in results["profile"].items():
