@@ -222,9 +222,12 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        started = turns.turn_start(conversation=conversation, content=serializer.validated_data["content"])
+        is_streamed = serializer.validated_data["stream"] or wants_event_stream(request)
+        started = turns.turn_start(
+            conversation=conversation, content=serializer.validated_data["content"], is_streamed=is_streamed
+        )
         headers = {"X-Parley-Generation-Id": started.generation_id}
-        if serializer.validated_data["stream"] or wants_event_stream(request):
+        if is_streamed:
             return sse_response(event_stream(started.stream_key), headers=headers)
         outcome = turns.turn_wait(stream_key=started.stream_key)
         if outcome.error is not None:

@@ -40,6 +40,7 @@ class TurnJob:
     user_message_id: str
     # Per-request generation parameters (the OpenAI API's temperature, max_tokens, …), validated.
     overrides: dict = field(default_factory=dict)
+    is_streamed: bool = True  # the client watches tokens arrive (SSE, WebSocket, stream=true)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +49,7 @@ class TurnJob:
             "conversation_id": self.conversation_id,
             "user_message_id": self.user_message_id,
             "overrides": self.overrides,
+            "is_streamed": self.is_streamed,
         }
 
 
@@ -135,6 +137,7 @@ def build_request(job: TurnJob, inputs: TurnInputs, sources: list[Source]) -> Ch
         seed=generation.get("seed"),
         conversation_id=job.conversation_id,
         sources=sources,
+        is_streamed=job.is_streamed,
     )
 
 

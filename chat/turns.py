@@ -45,7 +45,7 @@ def validate_content(content: object) -> str:
     return content
 
 
-def turn_start(*, conversation: Conversation, content: str) -> StartedTurn:
+def turn_start(*, conversation: Conversation, content: str, is_streamed: bool = True) -> StartedTurn:
     """Store the user's message and hand the turn to the generation workers."""
     content = validate_content(content)
     generation_id = str(uuid.uuid4())
@@ -56,10 +56,14 @@ def turn_start(*, conversation: Conversation, content: str) -> StartedTurn:
         Conversation.objects.filter(pk=conversation.pk).update(last_message_at=timezone.now())
         if not conversation.title:
             Conversation.objects.filter(pk=conversation.pk, title="").update(title=content.strip()[:80])
-    return _enqueue(conversation=conversation, message=message, generation_id=generation_id, overrides={})
+    return _enqueue(
+        conversation=conversation, message=message, generation_id=generation_id, overrides={}, is_streamed=is_streamed
+    )
 
 
-def turn_start_from_messages(*, bot: Bot, end_user: EndUser, messages: list[dict], overrides: dict) -> StartedTurn:
+def turn_start_from_messages(
+    *, bot: Bot, end_user: EndUser, messages: list[dict], overrides: dict, is_streamed: bool = True
+) -> StartedTurn:
     """A stateless caller (the OpenAI API) sends the whole exchange: store it as a conversation of
     its end user, the last message being the new user turn."""
     validate_content(messages[-1]["content"])
@@ -84,10 +88,18 @@ def turn_start_from_messages(*, bot: Bot, end_user: EndUser, messages: list[dict
         ]
         rows[-1].generation_id = generation_id
         Message.objects.bulk_create(rows)
-    return _enqueue(conversation=conversation, message=rows[-1], generation_id=generation_id, overrides=overrides)
+    return _enqueue(
+        conversation=conversation,
+        message=rows[-1],
+        generation_id=generation_id,
+        overrides=overrides,
+        is_streamed=is_streamed,
+    )
 
 
-def _enqueue(*, conversation: Conversation, message: Message, generation_id: str, overrides: dict) -> StartedTurn:
+def _enqueue(
+    *, conversation: Conversation, message: Message, generation_id: str, overrides: dict, is_streamed: bool
+) -> StartedTurn:
     schema_name = connection.schema_name
     job = TurnJob(
         schema_name=schema_name,
@@ -95,6 +107,7 @@ def _enqueue(*, conversation: Conversation, message: Message, generation_id: str
         conversation_id=str(conversation.pk),
         user_message_id=str(message.pk),
         overrides=overrides,
+        is_streamed=is_streamed,
     )
     stream_key = generation_stream_key(schema_name, generation_id)
     owner = {

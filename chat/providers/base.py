@@ -60,6 +60,8 @@ class ChatRequest:
     conversation_id: str | None = None
     timeout: float | None = None
     sources: list[Source] = field(default_factory=list)
+    # False when nobody watches the tokens arrive (a non-streamed API call): no artificial pacing.
+    is_streamed: bool = True
 
     @property
     def affinity_key(self) -> str | None:

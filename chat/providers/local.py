@@ -217,7 +217,7 @@ class LocalProvider(Provider):
         self.model = model
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        return self._generate(request, seconds_per_word=self.seconds_per_word)
+        return self._generate(request, seconds_per_word=self.seconds_per_word if request.is_streamed else 0.0)
 
     async def complete(self, request: ChatRequest) -> Completion:
         # Pacing imitates a model's streaming; a caller waiting for the whole answer gains nothing from it.

@@ -110,7 +110,7 @@ class ChatCompletionsApi(TenantAPIView):
         overrides = _overrides(data)
         end_user = end_user_of(request, data.get("user"))
         started = turns.turn_start_from_messages(
-            bot=bot, end_user=end_user, messages=data["messages"], overrides=overrides
+            bot=bot, end_user=end_user, messages=data["messages"], overrides=overrides, is_streamed=data["stream"]
         )
         completion_id = f"chatcmpl-{started.generation_id.replace('-', '')}"
         created = int(time.time())
