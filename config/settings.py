@@ -77,6 +77,10 @@ PUBLIC_SCHEMA_URLCONF = "config.urls_public"
 ROOT_URLCONF = "config.urls_tenants"
 SHOW_PUBLIC_IF_NO_TENANT_FOUND = True
 DATABASE_ROUTERS = ["django_tenants.routers.TenantSyncRouter"]
+# Set search_path only when the schema changes, not before every statement (halves the statements
+# per request, measured in tests/perf). Safe with pooled connections: closing the wrapper forgets
+# the path, so every checkout sets it again.
+TENANT_LIMIT_SET_CALLS = True
 
 MIDDLEWARE = [
     "tenants.middleware.HealthCheckMiddleware",
