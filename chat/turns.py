@@ -152,6 +152,8 @@ def generation_cancel(*, generation_id: str, end_user: EndUser) -> None:
 class WaitedTurn:
     message_id: str | None
     error: ParleyError | None
+    text: str = ""
+    done: dict | None = None  # the ``done`` event's data: usage, finish reason, provider, timings
 
 
 _ERROR_STATUS = {"rate_limit_error": 429, "invalid_request_error": 400}
@@ -159,9 +161,17 @@ _CODE_STATUS = {"provider_timeout": 504, "provider_unavailable": 503}
 
 
 def turn_wait(*, stream_key: str, timeout_seconds: float = 600) -> WaitedTurn:
-    """Block until the generation ends (for callers that did not ask for a stream)."""
+    """Block until the generation ends (for callers that did not ask for a stream), collecting
+    the answer from its events.
+
+    The database connection goes back to the pool first: a request waiting seconds for a model
+    must not hold one (at a few hundred waiting clients the pool ran dry).
+    """
+    if not connection.in_atomic_block:
+        connection.close()
     redis = get_redis()
     last = "0-0"
+    parts: list[str] = []
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         response = redis.xread({stream_key: last}, block=5_000, count=512)
@@ -169,14 +179,17 @@ def turn_wait(*, stream_key: str, timeout_seconds: float = 600) -> WaitedTurn:
             for entry_id, fields in entries:
                 last = entry_id
                 event_type = fields[b"type"]
-                if event_type == b"done":
-                    return WaitedTurn(message_id=json.loads(fields[b"data"])["message_id"], error=None)
-                if event_type == b"error":
+                if event_type == b"token":
+                    parts.append(json.loads(fields[b"data"])["text"])
+                elif event_type == b"done":
+                    data = json.loads(fields[b"data"])
+                    return WaitedTurn(message_id=data["message_id"], error=None, text="".join(parts), done=data)
+                elif event_type == b"error":
                     data = json.loads(fields[b"data"])
                     status = _CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502))
                     error = ParleyError(data["message"], code=data.get("code"), status_code=status)
                     error.error_type = data.get("type", "api_error")
-                    return WaitedTurn(message_id=data.get("message_id"), error=error)
+                    return WaitedTurn(message_id=data.get("message_id"), error=error, text="".join(parts))
     return WaitedTurn(
         message_id=None, error=ParleyError("The answer took too long.", code="generation_timeout", status_code=504)
     )

@@ -129,7 +129,9 @@ class ChatCompletionsApi(TenantAPIView):
         waited = turns.turn_wait(stream_key=started.stream_key)
         if waited.error is not None:
             raise waited.error
-        answer = selectors.message_get(conversation=started.conversation, message_id=waited.message_id)
+        # Built from the generation's events: no database round trip after the answer.
+        done = waited.done or {}
+        usage = done.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         return Response(
             {
                 "id": completion_id,
@@ -140,16 +142,12 @@ class ChatCompletionsApi(TenantAPIView):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": answer.content, "refusal": None},
-                        "finish_reason": _finish_reason(answer.finish_reason),
+                        "message": {"role": "assistant", "content": waited.text, "refusal": None},
+                        "finish_reason": _finish_reason(done.get("finish_reason", "")),
                         "logprobs": None,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": answer.tokens_in or 0,
-                    "completion_tokens": answer.tokens_out or 0,
-                    "total_tokens": (answer.tokens_in or 0) + (answer.tokens_out or 0),
-                },
+                "usage": usage,
             },
             headers={"X-Parley-Generation-Id": started.generation_id},
         )
