@@ -9,7 +9,6 @@ and restores it afterwards.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,19 +16,21 @@ from channels.db import database_sync_to_async
 from django_tenants.utils import tenant_context
 
 from tenants.models import Tenant
-from tenants.resolution import tenant_resolve_by_host, tenant_resolve_by_public_bot
-
-_BOT_PATH = re.compile(r"^/ws/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
+from tenants.resolution import (
+    bot_public_id_from_path,
+    tenant_hostname,
+    tenant_resolve_by_host,
+    tenant_resolve_by_public_bot,
+)
 
 
 def _resolve(scope: dict[str, Any]) -> Tenant | None:
-    headers = dict(scope.get("headers", []))
-    host = headers.get(b"host", b"").decode("latin-1").rsplit(":", 1)[0].lower().removeprefix("www.")
+    """The same order as the HTTP edge: the host, then the bot public id in the path."""
+    host = tenant_hostname(dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1"))
     tenant = tenant_resolve_by_host(host) if host else None
     if tenant is None:
-        match = _BOT_PATH.match(scope.get("path", ""))
-        if match:
-            tenant = tenant_resolve_by_public_bot(match.group("public_id"))
+        public_id = bot_public_id_from_path(scope.get("path", ""))
+        tenant = tenant_resolve_by_public_bot(public_id) if public_id else None
     return tenant
 
 

@@ -6,8 +6,6 @@ connection switched to its schema; nothing below re-derives it.
 
 from __future__ import annotations
 
-import re
-
 import structlog
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
@@ -18,10 +16,14 @@ from django.utils.functional import SimpleLazyObject
 
 from tenants.errors import TenantSuspended, error_response
 from tenants.health import readiness
-from tenants.resolution import public_tenant, tenant_and_key_resolve, tenant_resolve_by_public_bot
+from tenants.resolution import (
+    bot_public_id_from_path,
+    public_tenant,
+    tenant_and_key_resolve,
+    tenant_hostname,
+    tenant_resolve_by_public_bot,
+)
 from tenants.services import api_key_parse_prefix
-
-_BOT_PATH = re.compile(r"^/(?:api/v1/widget|ws)/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
 
 
 class HealthCheckMiddleware:
@@ -42,17 +44,6 @@ class HealthCheckMiddleware:
         return self.get_response(request)
 
 
-def _tenant_hostname(request: HttpRequest) -> str | None:
-    """The request's host if it could be a tenant's (not the bare domain, not an IP address)."""
-    host = request.get_host()
-    if host.startswith("["):  # IPv6 literal
-        return None
-    host = host.rsplit(":", 1)[0].lower().removeprefix("www.")
-    if host == settings.PARLEY_BASE_DOMAIN or host.replace(".", "").isdigit():
-        return None
-    return host
-
-
 class TenantResolutionMiddleware:
     """Host first (``<slug>.<PARLEY_BASE_DOMAIN>``), then — on any host — the API key prefix in
     ``Authorization: Bearer``, then a widget bot's public id (path or ``X-Parley-Bot``).
@@ -68,7 +59,7 @@ class TenantResolutionMiddleware:
         structlog.contextvars.clear_contextvars()
         connection.set_schema_to_public()
         prefix = self._api_key_prefix(request)
-        tenant, record = tenant_and_key_resolve(_tenant_hostname(request), prefix)
+        tenant, record = tenant_and_key_resolve(tenant_hostname(request.get_host()), prefix)
         if prefix is not None:
             request.api_key_record = record
             if tenant is None and record is not None:
@@ -111,10 +102,7 @@ class TenantResolutionMiddleware:
 
     @staticmethod
     def _bot_public_id(request: HttpRequest) -> str | None:
-        match = _BOT_PATH.match(request.path)
-        if match:
-            return match.group("public_id")
-        return request.headers.get("X-Parley-Bot") or None
+        return bot_public_id_from_path(request.path) or request.headers.get("X-Parley-Bot") or None
 
 
 class TenantMembershipMiddleware:

@@ -9,6 +9,7 @@ changes what a lookup returns calls ``tenant_cache_invalidate`` / ``api_key_cach
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,26 @@ from tenants.redis import get_redis
 _MISSING = b"-"  # negative-cache marker
 _NEGATIVE_TTL = 30
 _TENANT_FIELDS = ("id", "schema_name", "slug", "name", "status", "plan_id")
+
+
+_BOT_PATH = re.compile(r"^/(?:api/v1/widget|ws)/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
+
+
+def tenant_hostname(host: str) -> str | None:
+    """A request's Host header reduced to what could name a tenant: no port, no ``www.``; None
+    for the bare domain, IP addresses and empty hosts. Shared by the HTTP and WebSocket edges."""
+    if not host or host.startswith("["):  # empty, or an IPv6 literal
+        return None
+    host = host.rsplit(":", 1)[0].lower().removeprefix("www.")
+    if host == settings.PARLEY_BASE_DOMAIN or host.replace(".", "").isdigit():
+        return None
+    return host
+
+
+def bot_public_id_from_path(path: str) -> str | None:
+    """The widget bot id in ``/api/v1/widget/bots/<id>/…`` or ``/ws/bots/<id>/``."""
+    match = _BOT_PATH.match(path)
+    return match.group("public_id") if match else None
 
 
 def _cache_key(kind: str, value: str) -> str:

@@ -315,77 +315,46 @@ def test_oauth2_authorization_code_with_pkce(tenant_pair):
     client.force_login(tenant_pair.owner_a)
     host = host_of(tenant_pair.a)
 
+    def authorize_code() -> str:
+        response = client.get(
+            "/o/authorize/",
+            {
+                "response_type": "code",
+                "client_id": app.client_id,
+                "redirect_uri": redirect_uri,
+                "scope": "chat",
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            },
+            HTTP_HOST=host,
+        )
+        return parse_qs(urlparse(response["Location"]).query)["code"][0]
+
+    def exchange(code: str, code_verifier: str):
+        return Client().post(
+            "/o/token/",
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "client_id": app.client_id,
+                "client_secret": secret,
+                "code_verifier": code_verifier,
+            },
+            HTTP_HOST=host,
+        )
+
     without_pkce = client.get(
         "/o/authorize/",
         {"response_type": "code", "client_id": app.client_id, "redirect_uri": redirect_uri, "scope": "chat"},
         HTTP_HOST=host,
     )
-    authorize = client.get(
-        "/o/authorize/",
-        {
-            "response_type": "code",
-            "client_id": app.client_id,
-            "redirect_uri": redirect_uri,
-            "scope": "chat",
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        },
-        HTTP_HOST=host,
-    )
-    code = parse_qs(urlparse(authorize["Location"]).query)["code"][0]
-    wrong_verifier = Client().post(
-        "/o/token/",
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "client_id": app.client_id,
-            "client_secret": secret,
-            "code_verifier": "x" * 50,
-        },
-        HTTP_HOST=host,
-    )
-    token = Client().post(
-        "/o/token/",
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "client_id": app.client_id,
-            "client_secret": secret,
-            "code_verifier": verifier,
-        },
-        HTTP_HOST=host,
-    )
+    wrong_verifier = exchange(authorize_code(), "x" * 50)
 
     assert "code=" not in without_pkce.get("Location", "")
     assert wrong_verifier.status_code == 400
     # The code was burnt by the failed attempt (RFC 6749 §4.1.2); a fresh one works.
-    authorize = client.get(
-        "/o/authorize/",
-        {
-            "response_type": "code",
-            "client_id": app.client_id,
-            "redirect_uri": redirect_uri,
-            "scope": "chat",
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        },
-        HTTP_HOST=host,
-    )
-    code = parse_qs(urlparse(authorize["Location"]).query)["code"][0]
-    token = Client().post(
-        "/o/token/",
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "client_id": app.client_id,
-            "client_secret": secret,
-            "code_verifier": verifier,
-        },
-        HTTP_HOST=host,
-    )
+    token = exchange(authorize_code(), verifier)
     assert token.status_code == 200, token.content
     access = token.json()["access_token"]
     me = Client().get("/api/v1/me/", HTTP_HOST=host, HTTP_AUTHORIZATION=f"Bearer {access}")
