@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	@command -v redis-server >/dev/null || { echo "Installing redis-server (Debian package)…"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# CPU torch first, pinned: a later resolver would otherwise pull the CUDA build (GBs).
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@mkdir -p -m 700 $(XDG_RUNTIME_DIR) var
 	@rm -f $(VENV)/.installed-*; touch $@

@@ -7,7 +7,8 @@ Run on its own::
 
 Endpoints: ``POST /v1/chat/completions`` (SSE when ``stream``; usage in a last chunk when
 ``stream_options.include_usage``), ``POST /v1/embeddings`` (deterministic unit vectors seeded by a
-hash of the text), ``GET /v1/models``, ``GET /metrics`` (vLLM gauge names), ``GET /health``.
+hash of the text; the status faults and ``embedding_latency`` apply), ``GET /v1/models``,
+``GET /metrics`` (vLLM gauge names), ``GET /health``.
 
 Knobs (``MockConfig``) are set at start (flags), per request, and at run time:
 
@@ -83,6 +84,7 @@ class MockConfig:
     retry_after: float = 1.0  # seconds, in 429 answers
     hang_seconds: float = 300.0  # how long a hang or stall lasts
     embedding_dimensions: int = 384
+    embedding_latency: float = 0.0  # seconds before each embeddings answer
     is_healthy: bool = True  # GET /health answers 503 when false
     is_usage_reported: bool = True  # false: no usage at all, like servers that ignore stream_options
     # vLLM gauges on /metrics; None derives them from the requests in flight.
@@ -371,6 +373,13 @@ class MockServer:
                 400, "input must be a string or a non-empty list of strings.", error_type="invalid_request_error"
             )
         config = self.state.config
+        fault = self.state.take_fault()
+        if fault != "none":
+            early = await self._early_fault(request, fault, config, [])
+            if early is not None:
+                return early
+        if config.embedding_latency:
+            await asyncio.sleep(config.embedding_latency)
         dimensions = int(body.get("dimensions") or config.embedding_dimensions)
         as_base64 = body.get("encoding_format") == "base64"
         data = []

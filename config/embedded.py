@@ -43,7 +43,17 @@ def ensure_postgres(*, keep_running: bool = False) -> EmbeddedPostgres:
     import pgserver  # heavy import, only when the embedded default is used
 
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(VAR_DIR / "pgdata", cleanup_mode=None if keep_running else "stop")
+    # A process that detaches last stops the server (cleanup_mode "stop"); one starting at that very
+    # moment sees pg_ctl fail. Starts are serialised, and a start that lost that race is retried.
+    with fasteners.InterProcessLock(VAR_DIR / "pgserver.lock"):
+        for attempt in range(5):
+            try:
+                server = pgserver.get_server(VAR_DIR / "pgdata", cleanup_mode=None if keep_running else "stop")
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     info = server.get_postmaster_info()
     return EmbeddedPostgres(host=str(info.socket_dir), user="postgres", name="postgres")
 

@@ -205,7 +205,27 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BEAT_SCHEDULE: dict = {
+    "knowledge-requeue-stalled": {"task": "knowledge.tasks.documents_requeue_stalled_task", "schedule": 60.0},
+}
+
+# --- knowledge ----------------------------------------------------------------------------------
+
+# Chunks are sized in the bundled embedder's real tokens (its max_seq_length is 256).
+KNOWLEDGE_CHUNK_TOKENS = env.int("KNOWLEDGE_CHUNK_TOKENS", default=200)
+KNOWLEDGE_CHUNK_OVERLAP = env.int("KNOWLEDGE_CHUNK_OVERLAP", default=40)
+KNOWLEDGE_MAX_PAGES = env.int("KNOWLEDGE_MAX_PAGES", default=5000)
+KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", default=20.0)
+# "host:port" pairs a URL document may point to although they are not public (intranet sources).
+KNOWLEDGE_FETCH_ALLOWED_HOSTS = env.list("KNOWLEDGE_FETCH_ALLOWED_HOSTS", default=[])
+# A document with no heartbeat for this long while queued/processing is handed to another worker.
+KNOWLEDGE_STALLED_SECONDS = env.int("KNOWLEDGE_STALLED_SECONDS", default=300)
+# HNSW candidate list size for retrieval (recall vs latency; see the retrieval benchmark).
+KNOWLEDGE_HNSW_EF_SEARCH = env.int("KNOWLEDGE_HNSW_EF_SEARCH", default=100)
+# Below this many chunks in the searched scope, vector search is exact (a filtered scan beats a
+# post-filtered approximate one, and is perfectly accurate).
+KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS = env.int("KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS", default=20_000)
+KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS = env.int("KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS", default=86_400)
 
 # --- auth ---------------------------------------------------------------------------------------
 

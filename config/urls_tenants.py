@@ -3,12 +3,14 @@
 from django.urls import include, path
 
 from chat.urls import urlpatterns as chat_urlpatterns
+from knowledge.urls import urlpatterns as knowledge_urlpatterns
 from tenants.urls import api_urlpatterns, site_urlpatterns
 
 urlpatterns = [
     path("", include("config.urls_common")),
     *api_urlpatterns,
     *chat_urlpatterns,
+    *knowledge_urlpatterns,
     path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
     *site_urlpatterns,
 ]

@@ -1,25 +1,59 @@
-"""The one narrow function the chat engine calls to ground an answer in a bot's knowledge.
+"""Hybrid retrieval: the one narrow function the chat engine (and the search API) calls.
 
-Full-text ranking over the bot's chunks for now; hybrid vector + full-text retrieval fused by
-reciprocal rank replaces the inside of this function without changing its signature.
+Two candidate lists — nearest neighbours by cosine distance on pgvector, and PostgreSQL full-text
+matches ranked by ``ts_rank_cd`` — fused by reciprocal rank fusion (score = Σ 1/(60 + rank)).
+Full text catches exact names, codes and rare words that embeddings blur; vectors catch paraphrases
+that share no words with the passage.
+
+Vector search is exact when the searched scope is small (a filtered scan is fast and perfectly
+accurate, whereas an HNSW scan filtered afterwards can come back short), and approximate (HNSW,
+``ef_search`` raised in proportion to how much of the tenant the filter leaves out) otherwise.
+Runs in the caller's tenant schema.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+from collections import defaultdict
 from dataclasses import dataclass
 
-from django.db import connection
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Sum
 
-# Questions share only some words with the passage that answers them, so the query's lexemes
-# are OR-ed (plainto_tsquery AND-s them) and ts_rank_cd orders by how many match, and how close.
-_QUERY = """
-SELECT c.id, c.document_id, d.title, c.text, ts_rank_cd(c.search_vector, q.query) AS score
-FROM knowledge_chunk c
-JOIN knowledge_document d ON d.id = c.document_id,
+from knowledge.embedders import get_embedder
+from knowledge.models import ANN_INDEXED_DIMENSIONS, Document, KnowledgeBase
+from tenants.redis import get_redis, tenant_key
+
+RRF_K = 60
+CANDIDATES_PER_LIST = 4  # times the limit, from each of the two lists
+MAX_EF_SEARCH = 1000  # pgvector's upper bound
+
+# Questions share only some words with the passage that answers them, so the query's lexemes are
+# OR-ed (plainto_tsquery AND-s them); ts_rank_cd then favours passages matching more, closer.
+_TEXT_QUERY = """
+SELECT c.id
+FROM knowledge_chunk c,
      (SELECT replace(plainto_tsquery('english', %s)::text, '&', '|')::tsquery AS query) q
-WHERE d.knowledge_base_id = ANY(%s) AND c.search_vector @@ q.query
-ORDER BY score DESC, c.id
+WHERE c.knowledge_base_id = ANY(%s) {document_filter} AND c.search_vector @@ q.query
+ORDER BY ts_rank_cd(c.search_vector, q.query) DESC, c.id
 LIMIT %s
+"""
+
+_VECTOR_QUERY = """
+SELECT c.id, c.embedding::vector({dimensions}) <=> %s::vector({dimensions}) AS distance
+FROM knowledge_chunk c
+WHERE c.dimensions = {dimensions} AND c.knowledge_base_id = ANY(%s) {document_filter}
+ORDER BY {order}
+LIMIT %s
+"""
+
+_DETAILS_QUERY = """
+SELECT c.id, c.document_id, d.title, c.text, c.page, c.heading, c.knowledge_base_id
+FROM knowledge_chunk c JOIN knowledge_document d ON d.id = c.document_id
+WHERE c.id = ANY(%s)
 """
 
 
@@ -27,19 +61,157 @@ LIMIT %s
 class RetrievedChunk:
     chunk_id: int
     document_id: int
+    knowledge_base_id: int
     title: str
     text: str
-    score: float
+    page: int | None
+    heading: str
+    score: float  # fused reciprocal-rank score
+    vector_rank: int | None  # 1-based rank in the nearest-neighbour list (None: not in it)
+    text_rank: int | None  # 1-based rank in the full-text list
+    similarity: float | None  # cosine similarity to the query, when in the vector list
 
 
-def retrieve(*, knowledge_base_ids: list[int], query: str, limit: int = 5) -> list[RetrievedChunk]:
-    """Top chunks of the given knowledge bases for ``query`` (runs in the caller's tenant schema)."""
-    if not knowledge_base_ids or not query.strip():
+def retrieve(
+    *,
+    knowledge_base_ids: list[int],
+    query: str,
+    limit: int = 5,
+    document_ids: list[int] | None = None,
+) -> list[RetrievedChunk]:
+    """Top ``limit`` chunks of the given knowledge bases (optionally only these documents) for ``query``."""
+    query = query.strip()
+    if not knowledge_base_ids or not query or limit < 1:
+        return []
+    candidates = limit * CANDIDATES_PER_LIST
+    ranked_lists: list[list[int]] = [_text_candidates(knowledge_base_ids, query, candidates, document_ids)]
+    distances: dict[int, float] = {}
+    for group in _embedder_groups(knowledge_base_ids):
+        hits = _vector_candidates(group, query, candidates, document_ids)
+        distances.update(hits)
+        ranked_lists.append([chunk_id for chunk_id, _ in hits])
+    return _fuse(ranked_lists, distances, limit)
+
+
+@dataclass(frozen=True, slots=True)
+class _EmbedderGroup:
+    embedder: dict
+    dimensions: int
+    knowledge_base_ids: list[int]
+
+
+def _embedder_groups(knowledge_base_ids: list[int]) -> list[_EmbedderGroup]:
+    """Knowledge bases sharing an embedder are searched with one query embedding."""
+    groups: dict[str, _EmbedderGroup] = {}
+    for kb_id, embedder, dimensions in KnowledgeBase.objects.filter(pk__in=knowledge_base_ids).values_list(
+        "pk", "embedder", "dimensions"
+    ):
+        if dimensions not in ANN_INDEXED_DIMENSIONS:
+            continue
+        key = json.dumps(embedder, sort_keys=True)
+        group = groups.setdefault(key, _EmbedderGroup(embedder=embedder, dimensions=dimensions, knowledge_base_ids=[]))
+        group.knowledge_base_ids.append(kb_id)
+    return list(groups.values())
+
+
+def _text_candidates(knowledge_base_ids, query, candidates, document_ids) -> list[int]:
+    params: list = [query, list(knowledge_base_ids)]
+    document_filter = ""
+    if document_ids is not None:
+        document_filter, params = "AND c.document_id = ANY(%s)", [*params, list(document_ids)]
+    with connection.cursor() as cursor:
+        cursor.execute(_TEXT_QUERY.format(document_filter=document_filter), [*params, candidates])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def query_embedding(embedder_config: dict, query: str) -> list[float]:
+    """The query's embedding, cached in Redis (a repeated question skips the model)."""
+    embedder = get_embedder(embedder_config)
+    digest = hashlib.sha256(f"{embedder.key}\x00{query}".encode()).hexdigest()
+    key = tenant_key("qemb", digest)
+    redis = get_redis()
+    cached = redis.get(key)
+    if cached:
+        return json.loads(cached)
+    vector = embedder.embed_query(query)
+    payload = json.dumps([round(value, 7) for value in vector])
+    redis.set(key, payload, ex=settings.KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS)
+    return vector
+
+
+def _vector_candidates(group: _EmbedderGroup, query, candidates, document_ids) -> list[tuple[int, float]]:
+    vector = query_embedding(group.embedder, query)
+    literal = "[" + ",".join(repr(float(value)) for value in vector) + "]"
+    documents = Document.objects.filter(knowledge_base_id__in=group.knowledge_base_ids)
+    if document_ids is not None:
+        documents = documents.filter(pk__in=document_ids)
+    in_scope = documents.aggregate(total=Sum("chunk_count"))["total"] or 0
+    if not in_scope:
+        return []
+    exact = in_scope <= settings.KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS
+    dimensions = group.dimensions
+    distance = f"c.embedding::vector({dimensions}) <=> %s::vector({dimensions})"
+    # "+ 0" keeps the planner off the HNSW index: the ordering expression no longer matches it.
+    order = f"({distance}) + 0, c.id" if exact else distance
+    params: list = [literal, list(group.knowledge_base_ids)]
+    document_filter = ""
+    if document_ids is not None:
+        document_filter, params = "AND c.document_id = ANY(%s)", [*params, list(document_ids)]
+    sql = _VECTOR_QUERY.format(dimensions=dimensions, document_filter=document_filter, order=order)
+    with transaction.atomic(), connection.cursor() as cursor:
+        if not exact:
+            cursor.execute("SET LOCAL hnsw.ef_search = %s", [_ef_search(dimensions, in_scope, candidates)])
+        cursor.execute(sql, [*params, literal, candidates])
+        return [(row[0], float(row[1])) for row in cursor.fetchall()]
+
+
+def _ef_search(dimensions: int, in_scope: int, candidates: int) -> int:
+    """A filter applied after the HNSW scan discards the candidates outside the scope, so the scan
+    must look at proportionally more of them to return enough inside it."""
+    total = (
+        Document.objects.filter(knowledge_base__dimensions=dimensions).aggregate(total=Sum("chunk_count"))["total"]
+        or in_scope
+    )
+    wanted = max(settings.KNOWLEDGE_HNSW_EF_SEARCH, candidates) * max(1.0, total / in_scope)
+    return min(MAX_EF_SEARCH, math.ceil(wanted))
+
+
+def _fuse(ranked_lists: list[list[int]], distances: dict[int, float], limit: int) -> list[RetrievedChunk]:
+    scores: dict[int, float] = defaultdict(float)
+    vector_ranks: dict[int, int] = {}
+    text_ranks: dict[int, int] = {}
+    for list_index, ranked in enumerate(ranked_lists):
+        for rank, chunk_id in enumerate(ranked, start=1):
+            scores[chunk_id] += 1.0 / (RRF_K + rank)
+            if list_index == 0:
+                text_ranks[chunk_id] = rank
+            else:
+                vector_ranks.setdefault(chunk_id, rank)
+    winners = sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))[:limit]
+    if not winners:
         return []
     with connection.cursor() as cursor:
-        cursor.execute(_QUERY, [query, list(knowledge_base_ids), limit])
-        rows = cursor.fetchall()
-    return [
-        RetrievedChunk(chunk_id=row[0], document_id=row[1], title=row[2], text=row[3], score=float(row[4]))
-        for row in rows
-    ]
+        cursor.execute(_DETAILS_QUERY, [winners])
+        rows = {row[0]: row for row in cursor.fetchall()}
+    results = []
+    for chunk_id in winners:
+        row = rows.get(chunk_id)
+        if row is None:  # deleted between the two queries
+            continue
+        distance = distances.get(chunk_id)
+        results.append(
+            RetrievedChunk(
+                chunk_id=chunk_id,
+                document_id=row[1],
+                title=row[2],
+                text=row[3],
+                page=row[4],
+                heading=row[5],
+                knowledge_base_id=row[6],
+                score=round(scores[chunk_id], 6),
+                vector_rank=vector_ranks.get(chunk_id),
+                text_rank=text_ranks.get(chunk_id),
+                similarity=None if distance is None else round(1.0 - distance, 6),
+            )
+        )
+    return results

@@ -6,6 +6,7 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
+from chat.mock_server import MockServerHandle, mock_servers_in_thread
 from tests.factories import TenantPair, ensure_tenant_pair
 
 # Fixtures that run whole chat turns (a generation worker thread, a committed bot).
@@ -70,3 +71,26 @@ def _clean_redis():
 @pytest.fixture
 def client() -> Client:
     return Client()
+
+
+MOCK_SERVER_COUNT = 3  # enough for a route of two targets, or a pool of three replicas
+
+
+@pytest.fixture(scope="session")
+def _mock_llm_servers():
+    """Started once per session, in a background thread: a few milliseconds per test saved."""
+    with mock_servers_in_thread(MOCK_SERVER_COUNT) as servers:
+        yield servers
+
+
+@pytest.fixture
+def mock_llms(_mock_llm_servers) -> list[MockServerHandle]:
+    """Mock OpenAI-compatible servers, with their start configuration and zeroed counters."""
+    for server in _mock_llm_servers:
+        server.reset()
+    return _mock_llm_servers
+
+
+@pytest.fixture
+def mock_llm(mock_llms) -> MockServerHandle:
+    return mock_llms[0]

@@ -64,3 +64,14 @@ def ensure_tenant_pair() -> TenantPair:
             Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.ACTIVE)
             tenant.refresh_from_db()
     return TenantPair(a=a, b=b, owner_a=owner_a, owner_b=owner_b)
+
+
+def ingest_text(knowledge_base, title: str, text: str):
+    """A text document ingested right here (the worker's own service, run inline): chunks exist on return."""
+    from knowledge.models import Document
+    from knowledge.services import document_create_from_text, document_ingest
+
+    document = document_create_from_text(knowledge_base=knowledge_base, title=title, text=text)
+    outcome = document_ingest(document_id=document.pk, ingestion_id=str(document.ingestion_id))
+    assert outcome == "ready", outcome
+    return Document.objects.get(pk=document.pk)

@@ -30,11 +30,14 @@ from tenants.errors import ParleyError
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """A retrieved knowledge passage the answer may draw on."""
+    """A retrieved knowledge passage the answer may draw on (``id`` is the chunk's id)."""
 
     id: str
     title: str
     text: str
+    document_id: int | None = None
+    page: int | None = None
+    heading: str = ""
 
 
 @dataclass(slots=True)

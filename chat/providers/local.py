@@ -179,12 +179,14 @@ def compose_answer(query: dict[str, float], sources: list[Source]) -> list[Segme
         by_source.setdefault(sentence.source_index, []).append(sentence)
     segments = [Segment(INTRODUCTION)]
     references: list[str] = []
-    for number, (source_index, sentences) in enumerate(by_source.items(), start=1):
+    for source_index, sentences in by_source.items():
+        number = source_index + 1  # the source's number in the prompt, as a model would cite it
         source = sources[source_index]
         quote = _join_quote(sorted(sentences, key=lambda item: item.position))
         citation = Citation(index=number, source_id=source.id, title=source.title, quote=quote)
         segments.append(Segment(f"> {quote} [{number}]\n\n", citation))
-        references.append(f"[{number}] {source.title or source.id}")
+        page = f", p. {source.page}" if source.page is not None else ""
+        references.append(f"[{number}] {source.title or source.id}{page}")
     segments.append(Segment("Sources: " + "; ".join(references)))
     return segments
 
@@ -231,6 +233,8 @@ class LocalProvider(Provider):
         finish_reason = "stop"
         is_first_word = True
         for segment in segments:
+            # The citation goes out with the segment's first word, before its "[n]" marker.
+            pending_citation = segment.citation
             for word in _WORD_WITH_SPACE.findall(segment.text):
                 if remaining_chars <= 0:
                     break
@@ -245,10 +249,11 @@ class LocalProvider(Provider):
                     await asyncio.sleep(seconds_per_word)
                 is_first_word = False
                 completion_tokens += tokens
+                if pending_citation is not None:
+                    yield pending_citation
+                    pending_citation = None
                 yield Delta(word)
             else:
-                if segment.citation is not None:
-                    yield segment.citation
                 continue
             break
         prompt_tokens = estimate_prompt_tokens(request.messages) + sum(

@@ -1,34 +1,10 @@
-"""Chat fixtures: mock model servers (real HTTP, on loopback) and a port nobody listens on."""
+"""Chat fixtures: a port nobody listens on, a fake clock (mock model servers: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import socket
 
 import pytest
-
-from chat.mock_server import MockServerHandle, mock_servers_in_thread
-
-MOCK_SERVER_COUNT = 3  # enough for a route of two targets, or a pool of three replicas
-
-
-@pytest.fixture(scope="session")
-def _mock_llm_servers():
-    """Started once per session, in a background thread: a few milliseconds per test saved."""
-    with mock_servers_in_thread(MOCK_SERVER_COUNT) as servers:
-        yield servers
-
-
-@pytest.fixture
-def mock_llms(_mock_llm_servers) -> list[MockServerHandle]:
-    """Mock OpenAI-compatible servers, with their start configuration and zeroed counters."""
-    for server in _mock_llm_servers:
-        server.reset()
-    return _mock_llm_servers
-
-
-@pytest.fixture
-def mock_llm(mock_llms) -> MockServerHandle:
-    return mock_llms[0]
 
 
 @pytest.fixture

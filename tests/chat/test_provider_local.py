@@ -34,8 +34,9 @@ async def test_quotes_the_most_relevant_passage_and_cites_it():
     completion = await provider.complete(ask("How quickly are refunds issued?", [SHIPPING, REFUNDS]))
 
     quote = "Refunds are issued to the original payment method within 5 business days after we receive the item."
-    assert completion.text == f"{local.INTRODUCTION}> {quote} [1]\n\nSources: [1] Refund policy"
-    assert completion.citations == (Citation(index=1, source_id="doc-refunds", title="Refund policy", quote=quote),)
+    # Cited by its number in the prompt (the second source), as a model would.
+    assert completion.text == f"{local.INTRODUCTION}> {quote} [2]\n\nSources: [2] Refund policy"
+    assert completion.citations == (Citation(index=2, source_id="doc-refunds", title="Refund policy", quote=quote),)
     assert "Parley's built-in extractive responder" in completion.text
     assert completion.usage.finish_reason == "stop"
     assert completion.usage.provider == "local"
@@ -48,10 +49,10 @@ async def test_cites_each_source_it_quotes():
     completion = await provider.complete(ask("Express shipping and refunds: how many days?", [REFUNDS, SHIPPING]))
 
     assert [(citation.index, citation.source_id) for citation in completion.citations] == [
-        (1, "doc-shipping"),
-        (2, "doc-refunds"),
+        (2, "doc-shipping"),
+        (1, "doc-refunds"),
     ]
-    assert completion.text.endswith("Sources: [1] Shipping FAQ; [2] Refund policy")
+    assert completion.text.endswith("Sources: [2] Shipping FAQ; [1] Refund policy")
     for citation in completion.citations:
         assert f"> {citation.quote} [{citation.index}]" in completion.text
 

@@ -16,9 +16,10 @@ from chat.models import Bot
 from chat.providers.base import ChatRequest, Provider, Unavailable
 from chat.providers.local import LocalProvider
 from chat.services import bot_create, bot_delete, conversation_create
-from knowledge.models import Chunk, Document, KnowledgeBase
+from knowledge.models import KnowledgeBase
+from knowledge.services import knowledge_base_create
 from tenants.models import ApiKey
-from tests.factories import make_api_key
+from tests.factories import ingest_text, make_api_key
 
 
 class FailingProvider(Provider):
@@ -89,19 +90,12 @@ def live(django_db_blocker, tenant_pair):
     with django_db_blocker.unblock():
         api_key, raw = make_api_key(tenant_pair.a, scopes=["chat"])
         with tenant_context(tenant_pair.a):
-            kb = KnowledgeBase.objects.create(name=f"live-handbook-{api_key.pk}")
-            document = Document.objects.create(knowledge_base=kb, title="Returns policy")
-            Chunk.objects.create(
-                document=document,
-                position=0,
-                embedding=[0.0] * 383 + [1.0],
-                text="Customers may return any item within 30 days of delivery for a full refund. "
+            kb = knowledge_base_create(name=f"live-handbook-{api_key.pk}")
+            ingest_text(
+                kb,
+                "Returns policy",
+                "Customers may return any item within 30 days of delivery for a full refund. "
                 "Refunds are paid to the original card within five working days.",
-            )
-            Chunk.objects.filter(document=document).update(
-                search_vector=__import__("django.contrib.postgres.search", fromlist=["SearchVector"]).SearchVector(
-                    "text", config="english"
-                )
             )
             bot = bot_create(name="Support", system_prompt="Answer from the handbook.", knowledge_bases=[kb.pk])
             conversation = conversation_create(bot=bot, end_user_kind="api", end_user_id=f"key:{api_key.pk}")

@@ -132,7 +132,7 @@ def test_vector_extension_lives_in_public():
         assert cursor.fetchall() == [("public",)]
 
 
-def test_every_tenant_schema_has_vector_column_and_hnsw_index(tenant_pair):
+def test_every_tenant_schema_has_vector_column_and_hnsw_indexes(tenant_pair):
     for schema in ("tenant_template", tenant_pair.a.schema_name, tenant_pair.b.schema_name):
         with connection.cursor() as cursor:
             cursor.execute(
@@ -140,31 +140,46 @@ def test_every_tenant_schema_has_vector_column_and_hnsw_index(tenant_pair):
                 "WHERE attrelid = %s::regclass AND attname = 'embedding'",
                 [f"{schema}.knowledge_chunk"],
             )
-            assert cursor.fetchone() == ("vector(384)",)
+            assert cursor.fetchone() == ("vector",)
             cursor.execute(
-                "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = 'chunk_embedding_hnsw'",
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s "
+                "AND indexname LIKE 'chunk_embedding_hnsw_%%' ORDER BY indexname",
                 [schema],
             )
-            (indexdef,) = cursor.fetchone()
-            assert "USING hnsw (embedding" in indexdef
-            assert "vector_cosine_ops" in indexdef
+            indexes = cursor.fetchall()
+        assert [name for name, _ in indexes] == [f"chunk_embedding_hnsw_{d}" for d in (1024, 1536, 384, 768)]
+        for name, indexdef in indexes:
+            dimensions = name.rsplit("_", 1)[1]
+            assert f"USING hnsw (((embedding)::vector({dimensions})) vector_cosine_ops)" in indexdef
+            assert f"WHERE (dimensions = {dimensions})" in indexdef
 
 
 def test_hnsw_index_serves_nearest_neighbour_queries(tenant_pair):
-    from pgvector.django import CosineDistance
-
     with tenant_context(tenant_pair.a):
-        document = Document.objects.create(knowledge_base=KnowledgeBase.objects.create(name="kb"), title="d")
+        knowledge_base = KnowledgeBase.objects.create(name="kb")
+        document = Document.objects.create(knowledge_base=knowledge_base, title="d")
         for position in range(3):
             vector = [0.0] * 384
             vector[position] = 1.0
-            Chunk.objects.create(document=document, position=position, text=f"chunk {position}", embedding=vector)
-        query = [0.0] * 384
-        query[2] = 1.0
+            Chunk.objects.create(
+                document=document,
+                knowledge_base=knowledge_base,
+                position=position,
+                text=f"chunk {position}",
+                dimensions=384,
+                embedding=vector,
+            )
+        query = "[" + ",".join("1" if i == 2 else "0" for i in range(384)) + "]"
+        sql = (
+            "SELECT text FROM knowledge_chunk WHERE dimensions = 384 "
+            "ORDER BY embedding::vector(384) <=> %s::vector(384) LIMIT 1"
+        )
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL enable_seqscan = off")
-        nearest = Chunk.objects.order_by(CosineDistance("embedding", query)).first()
-        plan = Chunk.objects.order_by(CosineDistance("embedding", query))[:1].explain()
+            cursor.execute(sql, [query])
+            nearest = cursor.fetchone()[0]
+            cursor.execute("EXPLAIN " + sql, [query])
+            plan = "\n".join(row[0] for row in cursor.fetchall())
 
-    assert nearest.text == "chunk 2"
-    assert "chunk_embedding_hnsw" in plan
+    assert nearest == "chunk 2"
+    assert "chunk_embedding_hnsw_384" in plan

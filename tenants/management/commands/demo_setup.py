@@ -100,7 +100,7 @@ class Command(BaseCommand):
     def _demo_bot(self, tenant, previous_public_id: str | None) -> str:
         from chat.models import Bot
         from chat.services import bot_create
-        from knowledge.services import document_create_from_text, knowledge_base_create
+        from knowledge.services import document_create_from_text, document_ingest, knowledge_base_create
 
         with tenant_context(tenant):
             bot = Bot.objects.filter(public_id=previous_public_id).first() if previous_public_id else None
@@ -110,7 +110,9 @@ class Command(BaseCommand):
                 knowledge_base = knowledge_base_create(name="Parley handbook")
                 for section in KNOWLEDGE_FILE.read_text().split("\n# ")[0:]:
                     title, _, body = section.lstrip("# ").partition("\n")
-                    document_create_from_text(knowledge_base=knowledge_base, title=title.strip(), text=body)
+                    document = document_create_from_text(knowledge_base=knowledge_base, title=title.strip(), text=body)
+                    # Ingested here rather than by the worker, so the demo answers from its first minute.
+                    document_ingest(document_id=document.pk, ingestion_id=str(document.ingestion_id))
                 bot = bot_create(
                     name="Parley Guide",
                     system_prompt="You answer questions about Parley from its handbook.",
