@@ -8,6 +8,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from chat.urls import urlpatterns as chat_urlpatterns
+from knowledge.urls import urlpatterns as knowledge_urlpatterns
 from tenants.urls import api_urlpatterns
 
 urlpatterns = [
@@ -15,6 +16,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     *api_urlpatterns,
     *chat_urlpatterns,
+    *knowledge_urlpatterns,
 ]
 
 handler404 = "tenants.views.not_found"

@@ -1,7 +1,7 @@
 """Tenant isolation, table-driven: every API endpoint against every way of reaching another tenant.
 
 Add a row to ENDPOINTS for each new endpoint; every scenario below then covers it. Paths name
-objects with placeholders ({key}, {bot}, {conversation}) filled from tenant A (own) or B (foreign).
+objects with placeholders ({key}, {bot}, {conversation}, {kb}, {document}, …) filled from tenant A (own) or B (foreign).
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 from django_tenants.utils import tenant_context
 
 from chat.models import Bot, Conversation
 from chat.services import bot_create, conversation_create
 from chat.turns import turn_start
+from knowledge.models import Document, KnowledgeBase
+from knowledge.services import document_create_from_text, knowledge_base_create
 from tenants.models import ApiKey
 from tenants.resolution import api_key_cache_invalidate
 from tenants.services import api_key_revoke, membership_set
@@ -69,6 +72,24 @@ ENDPOINTS = [
         "chat",
         {"model": "{bot}", "messages": [{"role": "user", "content": "hi"}], "stream": True},
     ),
+    Endpoint("knowledge_bases_list", "get", "/api/v1/knowledge-bases/", "knowledge:read"),
+    Endpoint("knowledge_bases_create", "post", "/api/v1/knowledge-bases/", "knowledge:write", {"name": "kb"}, 201),
+    Endpoint("knowledge_base_get", "get", "/api/v1/knowledge-bases/{kb}/", "knowledge:read"),
+    Endpoint("knowledge_base_update", "patch", "/api/v1/knowledge-bases/{kb}/", "knowledge:write", {"name": "r"}),
+    Endpoint("knowledge_base_delete", "delete", "/api/v1/knowledge-bases/{kb}/", "knowledge:write", None, 204),
+    Endpoint("documents_list", "get", "/api/v1/knowledge-bases/{kb}/documents/", "knowledge:read"),
+    Endpoint(
+        "documents_create",
+        "post",
+        "/api/v1/knowledge-bases/{kb}/documents/",
+        "knowledge:write",
+        {"title": "t", "text": "new text"},
+        202,
+    ),
+    Endpoint("knowledge_search", "get", "/api/v1/knowledge-bases/{kb}/search/?q=secret", "knowledge:read"),
+    Endpoint("document_get", "get", "/api/v1/documents/{document}/", "knowledge:read"),
+    Endpoint("document_delete", "delete", "/api/v1/documents/{document}/", "knowledge:write", None, 204),
+    Endpoint("document_reingest", "post", "/api/v1/documents/{document}/reingest/", "knowledge:write", None, 202),
 ]
 OBJECT_ENDPOINTS = [e for e in ENDPOINTS if "{" in e.path]
 SCOPED_ENDPOINTS = [e for e in ENDPOINTS if e.scope]
@@ -85,20 +106,41 @@ class TenantObjects:
     bot: Bot
     conversation: Conversation
     generation_id: str
+    knowledge_base: KnowledgeBase
+    document: Document
 
 
-def _objects(tenant, label: str) -> TenantObjects:
+def _objects(tenant, label: str, *, id_floor: int = 0) -> TenantObjects:
     key, raw = make_api_key(tenant, name=f"{label}-main-secret-name")
     with tenant_context(tenant):
         bot = bot_create(name=f"{label}-secret-bot")
         conversation = conversation_create(bot=bot, end_user_kind="api", end_user_id=f"key:{key.pk}")
         generation_id = turn_start(conversation=conversation, content="hello").generation_id
-    return TenantObjects(key=key, raw_key=raw, bot=bot, conversation=conversation, generation_id=generation_id)
+        if id_floor:
+            # Integer ids count per schema: without this, B's knowledge base could have the same
+            # id as A's, and "B's id" would name A's own object.
+            with connection.cursor() as cursor:
+                for table in ("knowledge_knowledgebase", "knowledge_document"):
+                    cursor.execute("SELECT setval(pg_get_serial_sequence(%s, 'id'), %s)", [table, id_floor])
+        knowledge_base = knowledge_base_create(name=f"{label}-secret-kb")
+        document = document_create_from_text(knowledge_base=knowledge_base, title=f"{label}-secret-doc", text="x")
+        Document.objects.filter(pk=document.pk).update(status=Document.Status.FAILED)  # re-ingestable
+    return TenantObjects(
+        key=key,
+        raw_key=raw,
+        bot=bot,
+        conversation=conversation,
+        generation_id=generation_id,
+        knowledge_base=knowledge_base,
+        document=document,
+    )
 
 
 @pytest.fixture
 def world(tenant_pair):
-    return {"a": _objects(tenant_pair.a, "a"), "b": _objects(tenant_pair.b, "b")}
+    a = _objects(tenant_pair.a, "a")
+    floor = max(a.knowledge_base.pk, a.document.pk) + 1000
+    return {"a": a, "b": _objects(tenant_pair.b, "b", id_floor=floor)}
 
 
 def _fill(text: str, objects: TenantObjects) -> str:
@@ -107,6 +149,8 @@ def _fill(text: str, objects: TenantObjects) -> str:
         .replace("{bot}", objects.bot.public_id)
         .replace("{conversation}", str(objects.conversation.pk))
         .replace("{generation}", objects.generation_id)
+        .replace("{kb}", str(objects.knowledge_base.pk))
+        .replace("{document}", str(objects.document.pk))
     )
 
 
@@ -128,8 +172,17 @@ def _snapshot(tenant_pair, world) -> dict:
     with tenant_context(tenant_pair.b):
         bots = list(Bot.objects.order_by("pk").values_list("pk", "name", "version"))
         conversations = list(Conversation.objects.order_by("pk").values_list("pk", "title"))
+        knowledge = list(KnowledgeBase.objects.order_by("pk").values_list("pk", "name", "version"))
+        documents = list(Document.objects.order_by("pk").values_list("pk", "title", "status", "ingestion_id"))
     keys = list(ApiKey.objects.filter(tenant=tenant_pair.b).order_by("pk").values_list("pk", "revoked_at"))
-    return {"bots": bots, "conversations": conversations, "keys": keys, "b_key": b.key.prefix}
+    return {
+        "bots": bots,
+        "conversations": conversations,
+        "knowledge": knowledge,
+        "documents": documents,
+        "keys": keys,
+        "b_key": b.key.prefix,
+    }
 
 
 def _assert_error(response, status: int, world):
@@ -145,6 +198,8 @@ def _assert_error(response, status: int, world):
         b.bot.public_id,
         str(b.conversation.pk),
         b.generation_id,
+        "b-secret-kb",
+        "b-secret-doc",
     ):
         assert secret not in body
 
