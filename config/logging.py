@@ -56,6 +56,9 @@ def build_logging_config(*, log_format: str, level: str) -> dict:
             "axes": {"level": "WARNING"},
             "daphne": {"level": level},
             "pgserver": {"level": "WARNING"},
+            # pypdf narrates every oddity of a malformed file; the document's own error says enough.
+            "pypdf": {"level": "ERROR"},
+            "sentence_transformers": {"level": "WARNING"},
         },
     }
 

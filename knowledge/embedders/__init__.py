@@ -11,6 +11,14 @@ from knowledge.embedders.registry import (
     validate_embedder_config,
 )
 
+
+def warm_up_local_embedder() -> None:
+    """Load the bundled model now (a process that will embed questions calls this at start)."""
+    from knowledge.embedders.local import _load_model
+
+    _load_model()
+
+
 __all__ = [
     "SUPPORTED_DIMENSIONS",
     "Embedder",
@@ -18,4 +26,5 @@ __all__ = [
     "embedder_dimensions",
     "get_embedder",
     "validate_embedder_config",
+    "warm_up_local_embedder",
 ]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import docx
 from fpdf import FPDF
+from fpdf.enums import XPos, YPos
 
 from knowledge.extractors import Section
 
@@ -335,9 +336,9 @@ def pages(seed: int, count: int, *, words: tuple[int, int] = (350, 450)) -> Iter
             text = paragraph(rng, topic)
             words_in = text.split()
             if written + len(words_in) > budget + 20:
-                # Trim the last paragraph to the page's budget at a sentence end when possible.
-                cut = " ".join(words_in[: max(12, budget - written)])
-                text = cut if cut.endswith(".") else cut.rsplit(".", 1)[0] + "." if "." in cut else cut + "."
+                # The page's last paragraph stops at the budget (mid-sentence, as page ends do).
+                kept = " ".join(words_in[: max(12, budget - written)])
+                text = kept if kept.endswith(".") else kept + "."
             blocks.append((title, text))
             written += len(text.split()) + len((title or "").split())
         yield Page(chapter=topic.name, blocks=tuple(blocks))
@@ -350,6 +351,7 @@ def pdf_bytes(document_pages: list[Page], *, title: str) -> bytes:
     pdf.set_title(title)
     pdf.set_auto_page_break(auto=True, margin=12)
     pdf.set_margins(15, 12, 15)
+    next_line = {"new_x": XPos.LMARGIN, "new_y": YPos.NEXT}
     chapter = None
     for page in document_pages:
         pdf.add_page()
@@ -357,14 +359,14 @@ def pdf_bytes(document_pages: list[Page], *, title: str) -> bytes:
             chapter = page.chapter
             pdf.set_font("Helvetica", style="B", size=14)
             pdf.start_section(chapter, level=0)
-            pdf.multi_cell(0, 7, chapter)
+            pdf.multi_cell(0, 7, chapter, **next_line)
         for block_title, text in page.blocks:
             if block_title:
                 pdf.set_font("Helvetica", style="B", size=11)
                 pdf.start_section(block_title, level=1)
-                pdf.multi_cell(0, 6, block_title)
+                pdf.multi_cell(0, 6, block_title, **next_line)
             pdf.set_font("Helvetica", size=10)
-            pdf.multi_cell(0, 4.6, text.replace("€", "EUR "))
+            pdf.multi_cell(0, 4.6, text.replace("€", "EUR "), **next_line)
             pdf.ln(1.5)
     return bytes(pdf.output())
 
@@ -405,8 +407,10 @@ def sections(document_pages: list[Page]) -> list[Section]:
     """The pages as the extractors would return them (one section per paragraph, with its page and
     heading path): for building chunks without a file."""
     result = []
+    chapter, current = None, None
     for number, page in enumerate(document_pages, start=1):
-        current = None
+        if page.chapter != chapter:
+            chapter, current = page.chapter, None
         for block_title, text in page.blocks:
             if block_title:
                 current = block_title

@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand
 from prometheus_client import start_http_server
 
 from chat.generation import GenerationWorker
+from knowledge.embedders import warm_up_local_embedder
 
 
 class Command(BaseCommand):
@@ -33,5 +34,7 @@ class Command(BaseCommand):
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         worker = GenerationWorker(concurrency=concurrency)
+        # Retrieval embeds each question: load the bundled model now, not on the first turn.
+        loop.run_in_executor(None, warm_up_local_embedder)
         self.stdout.write(f"generation worker {worker.consumer} ready (concurrency {concurrency})")
         await worker.run(stop)
