@@ -46,6 +46,8 @@ class Bot(models.Model):
     allow_any_origin = models.BooleanField(default=False)
     greeting = models.CharField(max_length=500, blank=True, default="")
     theme = models.JSONField(default=default_theme)
+    # Response cache settings (chat.cache.cache_settings_validate): enabled, semantic, threshold, TTL, FAQ mode.
+    cache = models.JSONField(default=dict, blank=True)
     # Bumped whenever anything that shapes answers changes; response caches key on it.
     version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now)
@@ -100,6 +102,7 @@ class Message(models.Model):
     provider = models.CharField(max_length=100, blank=True, default="")
     model = models.CharField(max_length=200, blank=True, default="")
     is_cached = models.BooleanField(default=False)
+    cache_layer = models.CharField(max_length=10, blank=True, default="")  # "exact" | "semantic" when cached
     citations = models.JSONField(default=list, blank=True)
     finish_reason = models.CharField(max_length=40, blank=True, default="")
 

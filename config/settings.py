@@ -222,9 +222,9 @@ KNOWLEDGE_FETCH_ALLOWED_HOSTS = env.list("KNOWLEDGE_FETCH_ALLOWED_HOSTS", defaul
 KNOWLEDGE_STALLED_SECONDS = env.int("KNOWLEDGE_STALLED_SECONDS", default=300)
 # HNSW candidate list size for retrieval (recall vs latency; see the retrieval benchmark).
 KNOWLEDGE_HNSW_EF_SEARCH = env.int("KNOWLEDGE_HNSW_EF_SEARCH", default=100)
-# Below this many chunks in the searched scope, vector search is exact (a filtered scan beats a
+# Up to this many chunks in the searched scope, vector search is exact (a filtered scan beats a
 # post-filtered approximate one, and is perfectly accurate).
-KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS = env.int("KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS", default=20_000)
+KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS = env.int("KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS", default=2_000)
 # CPU threads of the local embedder (unset: torch's default, one per core).
 KNOWLEDGE_EMBED_THREADS = env.int("KNOWLEDGE_EMBED_THREADS", default=0) or None
 KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS = env.int("KNOWLEDGE_QUERY_EMBEDDING_CACHE_SECONDS", default=86_400)

@@ -31,16 +31,25 @@ RRF_K = 60
 CANDIDATES_PER_LIST = 4  # times the limit, from each of the two lists
 MAX_EF_SEARCH = 1000  # pgvector's upper bound
 
-# Questions share only some words with the passage that answers them, so the query's lexemes are
-# OR-ed (plainto_tsquery AND-s them); ts_rank_cd then favours passages matching more, closer.
+# Full text in two passes: passages holding every word of the question (plainto_tsquery AND-s the
+# lexemes), then, if those are too few, passages holding any of them (OR-ed). Ranking reads each
+# matching row's tsvector, so a question made of common words would rank thousands of rows: each
+# pass ranks at most TEXT_MATCHES_RANKED matches (found through the GIN index), which bounds the
+# cost at the price of an arbitrary subset when a question matches more than that.
+TEXT_MATCHES_RANKED = 1000
 _TEXT_QUERY = """
-SELECT c.id
-FROM knowledge_chunk c,
-     (SELECT replace(plainto_tsquery('english', %s)::text, '&', '|')::tsquery AS query) q
-WHERE c.knowledge_base_id = ANY(%s) {document_filter} AND c.search_vector @@ q.query
-ORDER BY ts_rank_cd(c.search_vector, q.query) DESC, c.id
-LIMIT %s
+SELECT m.id
+FROM (
+    SELECT c.id, c.search_vector
+    FROM knowledge_chunk c
+    WHERE c.knowledge_base_id = ANY(%(kbs)s) {document_filter} AND c.search_vector @@ {tsquery}
+    LIMIT %(ranked)s
+) m
+ORDER BY ts_rank_cd(m.search_vector, {tsquery}) DESC, m.id
+LIMIT %(limit)s
 """
+_STRICT_TSQUERY = "plainto_tsquery('english', %(q)s)"
+_LOOSE_TSQUERY = "replace(plainto_tsquery('english', %(q)s)::text, '&', '|')::tsquery"
 
 _VECTOR_QUERY = """
 SELECT c.id, c.embedding::vector({dimensions}) <=> %s::vector({dimensions}) AS distance
@@ -115,13 +124,18 @@ def _embedder_groups(knowledge_base_ids: list[int]) -> list[_EmbedderGroup]:
 
 
 def _text_candidates(knowledge_base_ids, query, candidates, document_ids) -> list[int]:
-    params: list = [query, list(knowledge_base_ids)]
+    params = {"q": query, "kbs": list(knowledge_base_ids), "ranked": TEXT_MATCHES_RANKED, "limit": candidates}
     document_filter = ""
     if document_ids is not None:
-        document_filter, params = "AND c.document_id = ANY(%s)", [*params, list(document_ids)]
+        document_filter, params["documents"] = "AND c.document_id = ANY(%(documents)s)", list(document_ids)
+    found: list[int] = []
     with connection.cursor() as cursor:
-        cursor.execute(_TEXT_QUERY.format(document_filter=document_filter), [*params, candidates])
-        return [row[0] for row in cursor.fetchall()]
+        for tsquery in (_STRICT_TSQUERY, _LOOSE_TSQUERY):
+            cursor.execute(_TEXT_QUERY.format(document_filter=document_filter, tsquery=tsquery), params)
+            found += [row[0] for row in cursor.fetchall() if row[0] not in found]
+            if len(found) >= candidates:
+                break
+    return found[:candidates]
 
 
 def query_embedding(embedder_config: dict, query: str) -> list[float]:
