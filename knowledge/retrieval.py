@@ -142,7 +142,7 @@ def query_embedding(embedder_config: dict, query: str) -> list[float]:
     """The query's embedding, cached in Redis (a repeated question skips the model)."""
     embedder = get_embedder(embedder_config)
     digest = hashlib.sha256(f"{embedder.key}\x00{query}".encode()).hexdigest()
-    key = tenant_key("qemb", digest)
+    key = tenant_key(connection.schema_name, "qemb", digest)
     redis = get_redis()
     cached = redis.get(key)
     if cached:

@@ -524,3 +524,17 @@ def test_other_tenants_knowledge_is_invisible(client, tenant_pair, key, kb):
     with tenant_context(tenant_pair.a):
         assert Document.objects.filter(pk=document["id"]).exists()
     connection.set_schema_to_public()
+
+
+def test_query_embeddings_are_cached_under_the_tenant(client, tenant_pair, key, kb):
+    from tenants.redis import get_redis
+
+    document = _post_json(
+        client, f"/api/v1/knowledge-bases/{kb['id']}/documents/", {"title": "p", "text": HANDBOOK}, key
+    ).json()
+    ingest(document["id"])
+    _search(client, kb, key, "anything at all")
+
+    keys = get_redis().keys("t:*:qemb:*")
+    assert len(keys) == 1
+    assert keys[0].startswith(f"t:{tenant_pair.a.schema_name}:qemb:".encode())
