@@ -9,6 +9,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from chat import selectors, services, turns
+from chat.gateway import Caller, caller_for
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
 from chat.streams import parse_last_event_id
@@ -30,6 +31,16 @@ def end_user_of(request, external_user: str | None = None) -> EndUser:
     client_id = getattr(request.user, "client_id", "client")
     return EndUser(
         kind="api", id=f"oauth:{client_id}" + (f":{external_user}" if external_user else ""), sees_all=sees_all
+    )
+
+
+def caller_of(request, *, bot, external_user: str | None = None) -> Caller:
+    """Who the gateway (rate limits, budgets, metering) sees behind a request."""
+    return caller_for(
+        tenant=request.tenant,
+        bot=bot,
+        api_key_id=request.auth.api_key_id,
+        end_user=end_user_of(request, external_user),
     )
 
 
@@ -224,9 +235,12 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         serializer.is_valid(raise_exception=True)
         is_streamed = serializer.validated_data["stream"] or wants_event_stream(request)
         started = turns.turn_start(
-            conversation=conversation, content=serializer.validated_data["content"], is_streamed=is_streamed
+            conversation=conversation,
+            content=serializer.validated_data["content"],
+            is_streamed=is_streamed,
+            caller=caller_of(request, bot=conversation.bot),
         )
-        headers = {"X-Parley-Generation-Id": started.generation_id}
+        headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
         if is_streamed:
             return sse_response(event_stream(started.stream_key), headers=headers)
         outcome = turns.turn_wait(stream_key=started.stream_key)

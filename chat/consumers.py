@@ -20,8 +20,10 @@ import re
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.db import transaction
 
 from chat import selectors, services, turns
+from chat.gateway import caller_for
 from chat.metrics import ACTIVE_STREAMS
 from chat.models import Bot, Conversation
 from chat.selectors import EndUser
@@ -86,9 +88,10 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
                 raise ValidationFailed("type must be one of message, cancel, resume.", param="type")
             await handler(content)
         except ParleyError as error:
-            await self.send_json(
-                {"type": "error", "data": {"message": error.message, "type": error.error_type, "code": error.code}}
-            )
+            data = {"message": error.message, "type": error.error_type, "code": error.code}
+            if getattr(error, "retry_after", None) is not None:
+                data["retry_after"] = error.retry_after  # a refused turn (rate limit): when to try again
+            await self.send_json({"type": "error", "data": data})
 
     async def _on_message(self, content: dict) -> None:
         started = await self._start_turn(content.get("conversation_id"), content.get("content"))
@@ -123,22 +126,32 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
     def _api_key_end_user(self, raw_key: str) -> EndUser:
         from tenants.authentication import api_key_verify
 
-        _user, context = api_key_verify(raw_key, tenant=self.scope["tenant"])
+        client = self.scope.get("client") or ("", 0)
+        _user, context = api_key_verify(raw_key, tenant=self.scope["tenant"], client_ip=client[0] or "")
         if "chat" not in context.scopes and "admin" not in context.scopes:
             raise AuthenticationFailed("This API key lacks the 'chat' scope.")
+        self.api_key_id = context.api_key_id
         return EndUser(kind=Conversation.EndUserKind.API, id=f"key:{context.api_key_id}")
 
     @tenant_database_sync_to_async
     def _start_turn(self, conversation_id: str | None, content) -> turns.StartedTurn:
-        if conversation_id:
-            conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=self.end_user)
-            if conversation.bot_id != self.bot.pk:
-                raise NotFound("No such conversation.", param="conversation_id")
-        else:
-            conversation = services.conversation_create(
-                bot=self.bot, end_user_kind=self.end_user.kind, end_user_id=self.end_user.id
-            )
-        return turns.turn_start(conversation=conversation, content=content)
+        caller = caller_for(
+            tenant=self.scope["tenant"],
+            bot=self.bot,
+            api_key_id=getattr(self, "api_key_id", None),
+            end_user=self.end_user,
+        )
+        # A turn the gateway refuses leaves no new conversation behind.
+        with transaction.atomic():
+            if conversation_id:
+                conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=self.end_user)
+                if conversation.bot_id != self.bot.pk:
+                    raise NotFound("No such conversation.", param="conversation_id")
+            else:
+                conversation = services.conversation_create(
+                    bot=self.bot, end_user_kind=self.end_user.kind, end_user_id=self.end_user.id
+                )
+            return turns.turn_start(conversation=conversation, content=content, caller=caller)
 
     @tenant_database_sync_to_async
     def _stream_key(self, generation_id: str) -> str:

@@ -18,14 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from django.utils import timezone
 
-from chat import metrics
+from chat import gateway, metrics
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
 from chat.streams import CoalescingPublisher, cancel_key, generation_stream_key
 from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
+
+logger = structlog.get_logger(__name__)
 
 CANCEL_CHECK_SECONDS = 0.25
 SOURCES_PER_TURN = 5
@@ -42,6 +45,8 @@ class TurnJob:
     # Per-request generation parameters (the OpenAI API's temperature, max_tokens, …), validated.
     overrides: dict = field(default_factory=dict)
     is_streamed: bool = True  # the client watches tokens arrive (SSE, WebSocket, stream=true)
+    # The gateway's admission ticket (chat.gateway): budget reservation, limits to charge, metering ids.
+    gateway: dict | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +56,7 @@ class TurnJob:
             "user_message_id": self.user_message_id,
             "overrides": self.overrides,
             "is_streamed": self.is_streamed,
+            "gateway": self.gateway,
         }
 
 
@@ -76,6 +82,7 @@ class TurnOutcome:
     total_ms: float = 0.0
     error: ProviderError | None = None
     message_id: str | None = None
+    cache_layer: str = ""  # "exact" | "semantic" when the answer came from the response cache
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -258,6 +265,8 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     outcome.total_ms = (time.perf_counter() - started) * 1000
     outcome.message_id = await in_tenant(job.schema_name, save_answer, job, outcome)
     _record_metrics(job, outcome)
+    if job.gateway is not None:
+        await _settle(job, outcome)
     if outcome.error is not None:
         await publisher.close(
             "error",
@@ -291,6 +300,27 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
             },
         )
     return outcome
+
+
+async def _settle(job: TurnJob, outcome: TurnOutcome) -> None:
+    """Budget settlement, the per-minute token charge and metering. Bookkeeping must not fail an
+    answer already given: a failure here is logged (the reservation then expires on its own)."""
+    usage = outcome.usage
+    try:
+        await gateway.settle(
+            job.gateway,
+            schema_name=job.schema_name,
+            event_id=outcome.message_id or job.generation_id,
+            provider=((usage.target or usage.provider) if usage else "") or "",
+            model=(usage.model if usage else "") or "",
+            tokens_in=usage.prompt_tokens if usage else 0,
+            tokens_out=usage.completion_tokens if usage else 0,
+            cache_layer=outcome.cache_layer,
+            latency_ms=outcome.total_ms,
+            ttft_ms=outcome.ttft_ms,
+        )
+    except Exception:
+        logger.exception("turn_settle_failed", generation_id=job.generation_id)
 
 
 def _record_metrics(job: TurnJob, outcome: TurnOutcome) -> None:

@@ -48,6 +48,8 @@ class Bot(models.Model):
     theme = models.JSONField(default=default_theme)
     # Response cache settings (chat.cache.cache_settings_validate): enabled, semantic, threshold, TTL, FAQ mode.
     cache = models.JSONField(default=dict, blank=True)
+    # Per-bot and per-end-user rate limits (chat.gateway.validate_rate_limits); the plan sets the rest.
+    rate_limits = models.JSONField(default=dict, blank=True)
     # Bumped whenever anything that shapes answers changes; response caches key on it.
     version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import connection, transaction
 from django.utils import timezone
 
 from chat.engine import TurnJob
+from chat.gateway import Admission, Caller, admit
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
 from chat.streams import JOBS_STREAM, STREAM_TTL_SECONDS, cancel_key, generation_owner_key, generation_stream_key
@@ -31,6 +32,23 @@ class StartedTurn:
     conversation: Conversation
     user_message: Message
     stream_key: str
+    headers: dict = field(default_factory=dict)  # the gateway's rate-limit headers
+
+
+# Room for the retrieved passages in a turn's token estimate (five chunks of about 200 tokens).
+SOURCES_CHARS_ESTIMATE = 4_000
+
+
+def _admit(caller: Caller | None, *, bot: Bot, prompt_chars: int, overrides: dict) -> Admission | None:
+    """The gateway (rate limits, budget) before anything is stored: a refused turn leaves no trace."""
+    if caller is None:
+        return None
+    max_tokens = overrides.get("max_tokens", (bot.generation or {}).get("max_tokens"))
+    return admit(
+        caller=caller,
+        prompt_chars=prompt_chars + len(bot.system_prompt) + SOURCES_CHARS_ESTIMATE,
+        max_tokens=max_tokens,
+    )
 
 
 def validate_content(content: object) -> str:
@@ -45,9 +63,13 @@ def validate_content(content: object) -> str:
     return content
 
 
-def turn_start(*, conversation: Conversation, content: str, is_streamed: bool = True) -> StartedTurn:
-    """Store the user's message and hand the turn to the generation workers."""
+def turn_start(
+    *, conversation: Conversation, content: str, is_streamed: bool = True, caller: Caller | None = None
+) -> StartedTurn:
+    """Store the user's message and hand the turn to the generation workers (after the gateway
+    admits it, when the turn comes from outside: ``caller``)."""
     content = validate_content(content)
+    admission = _admit(caller, bot=conversation.bot, prompt_chars=len(content) * 2, overrides={})
     generation_id = str(uuid.uuid4())
     with transaction.atomic():
         message = Message.objects.create(
@@ -57,16 +79,30 @@ def turn_start(*, conversation: Conversation, content: str, is_streamed: bool = 
         if not conversation.title:
             Conversation.objects.filter(pk=conversation.pk, title="").update(title=content.strip()[:80])
     return _enqueue(
-        conversation=conversation, message=message, generation_id=generation_id, overrides={}, is_streamed=is_streamed
+        conversation=conversation,
+        message=message,
+        generation_id=generation_id,
+        overrides={},
+        is_streamed=is_streamed,
+        admission=admission,
     )
 
 
 def turn_start_from_messages(
-    *, bot: Bot, end_user: EndUser, messages: list[dict], overrides: dict, is_streamed: bool = True
+    *,
+    bot: Bot,
+    end_user: EndUser,
+    messages: list[dict],
+    overrides: dict,
+    is_streamed: bool = True,
+    caller: Caller | None = None,
 ) -> StartedTurn:
     """A stateless caller (the OpenAI API) sends the whole exchange: store it as a conversation of
     its end user, the last message being the new user turn."""
     validate_content(messages[-1]["content"])
+    admission = _admit(
+        caller, bot=bot, prompt_chars=sum(len(item["content"]) for item in messages), overrides=overrides
+    )
     generation_id = str(uuid.uuid4())
     now = timezone.now()
     with transaction.atomic():
@@ -94,11 +130,18 @@ def turn_start_from_messages(
         generation_id=generation_id,
         overrides=overrides,
         is_streamed=is_streamed,
+        admission=admission,
     )
 
 
 def _enqueue(
-    *, conversation: Conversation, message: Message, generation_id: str, overrides: dict, is_streamed: bool
+    *,
+    conversation: Conversation,
+    message: Message,
+    generation_id: str,
+    overrides: dict,
+    is_streamed: bool,
+    admission: Admission | None = None,
 ) -> StartedTurn:
     schema_name = connection.schema_name
     job = TurnJob(
@@ -108,6 +151,7 @@ def _enqueue(
         user_message_id=str(message.pk),
         overrides=overrides,
         is_streamed=is_streamed,
+        gateway=admission.ticket if admission else None,
     )
     stream_key = generation_stream_key(schema_name, generation_id)
     owner = {
@@ -123,7 +167,11 @@ def _enqueue(
     pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
     pipe.execute()
     return StartedTurn(
-        generation_id=generation_id, conversation=conversation, user_message=message, stream_key=stream_key
+        generation_id=generation_id,
+        conversation=conversation,
+        user_message=message,
+        stream_key=stream_key,
+        headers=admission.headers if admission else {},
     )
 
 

@@ -207,7 +207,34 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_BEAT_SCHEDULE: dict = {
     "knowledge-requeue-stalled": {"task": "knowledge.tasks.documents_requeue_stalled_task", "schedule": 60.0},
+    # Usage stream → PostgreSQL; a run that waited 10 s in the queue is dropped (the next does its work).
+    "billing-usage-flush": {"task": "billing.tasks.usage_flush_task", "schedule": 2.0, "options": {"expires": 10}},
+    "billing-budget-reservations-expire": {"task": "billing.tasks.budget_reservations_expire_task", "schedule": 60.0},
+    "billing-invoices-issue": {"task": "billing.tasks.invoices_issue_task", "schedule": 3600.0},
 }
+
+# --- gateway ------------------------------------------------------------------------------------
+
+# Per end user (widget visitor, signed-in user, an API caller's own ``user``) unless a bot sets its own.
+PARLEY_END_USER_REQUESTS_PER_MINUTE = env.int("PARLEY_END_USER_REQUESTS_PER_MINUTE", default=30)
+PARLEY_END_USER_TOKENS_PER_MINUTE = env.int("PARLEY_END_USER_TOKENS_PER_MINUTE", default=60_000)
+# The completion part of a turn's token estimate when neither the request nor the bot sets max_tokens.
+PARLEY_DEFAULT_MAX_TOKENS_ESTIMATE = env.int("PARLEY_DEFAULT_MAX_TOKENS_ESTIMATE", default=512)
+# API-key authentication failures per key prefix and client address (brute force), then refused.
+PARLEY_AUTH_FAILURE_LIMIT = env.int("PARLEY_AUTH_FAILURE_LIMIT", default=20)
+PARLEY_AUTH_FAILURE_WINDOW_SECONDS = env.int("PARLEY_AUTH_FAILURE_WINDOW_SECONDS", default=300)
+
+# --- billing ------------------------------------------------------------------------------------
+
+PARLEY_BILLING_PROVIDER = env.str("PARLEY_BILLING_PROVIDER", default="parley")
+# HMAC secret of the billing provider's webhook; empty: the webhook accepts nothing (503).
+PARLEY_BILLING_WEBHOOK_SECRET = env.str("PARLEY_BILLING_WEBHOOK_SECRET", default="")
+PARLEY_BILLING_WEBHOOK_TOLERANCE_SECONDS = env.int("PARLEY_BILLING_WEBHOOK_TOLERANCE_SECONDS", default=300)
+# Usage stream cap (entries, approximate): only reached if the flusher stops (~12 h of 20 req/s).
+BILLING_USAGE_STREAM_MAXLEN = env.int("PARLEY_USAGE_STREAM_MAXLEN", default=1_000_000)
+BILLING_USAGE_CLAIM_IDLE_SECONDS = env.int("PARLEY_USAGE_CLAIM_IDLE_SECONDS", default=60)
+BILLING_BUDGET_ALERT_THRESHOLDS = env.list("PARLEY_BUDGET_ALERT_THRESHOLDS", cast=int, default=[80, 100])
+BILLING_RESERVATION_STALE_SECONDS = env.int("PARLEY_RESERVATION_STALE_SECONDS", default=900)
 
 # --- knowledge ----------------------------------------------------------------------------------
 

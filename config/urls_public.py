@@ -7,6 +7,8 @@ a 401 in the API's error format rather than a 404 page.
 from django.contrib import admin
 from django.urls import include, path
 
+from billing.urls import api_urlpatterns as billing_api_urlpatterns
+from billing.urls import public_urlpatterns as billing_public_urlpatterns
 from chat.urls import urlpatterns as chat_urlpatterns
 from knowledge.urls import urlpatterns as knowledge_urlpatterns
 from tenants.urls import api_urlpatterns
@@ -17,6 +19,8 @@ urlpatterns = [
     *api_urlpatterns,
     *chat_urlpatterns,
     *knowledge_urlpatterns,
+    *billing_api_urlpatterns,
+    *billing_public_urlpatterns,
 ]
 
 handler404 = "tenants.views.not_found"

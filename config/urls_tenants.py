@@ -2,6 +2,7 @@
 
 from django.urls import include, path
 
+from billing.urls import api_urlpatterns as billing_api_urlpatterns
 from chat.urls import urlpatterns as chat_urlpatterns
 from knowledge.urls import urlpatterns as knowledge_urlpatterns
 from tenants.urls import api_urlpatterns, site_urlpatterns
@@ -11,6 +12,7 @@ urlpatterns = [
     *api_urlpatterns,
     *chat_urlpatterns,
     *knowledge_urlpatterns,
+    *billing_api_urlpatterns,
     path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
     *site_urlpatterns,
 ]

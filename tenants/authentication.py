@@ -7,6 +7,7 @@ endpoint checks "may this caller do X in this tenant" the same way whoever the c
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,7 +19,7 @@ from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 
-from tenants.errors import AuthenticationFailed
+from tenants.errors import AuthenticationFailed, ParleyError
 from tenants.models import ApiKey, Membership, Tenant, User
 from tenants.redis import get_redis
 from tenants.resolution import ApiKeyRecord, api_key_resolve
@@ -91,20 +92,40 @@ class ApiKeyAuthentication:
         if raw_key is None or api_key_parse_prefix(raw_key) is None:
             return None  # not an API key: let JWT / OAuth2 try
         record = getattr(request._request, "api_key_record", None)
-        return api_key_verify(raw_key, tenant=_tenant_of(request), record=record)
+        client_ip = request._request.META.get("REMOTE_ADDR", "")
+        return api_key_verify(raw_key, tenant=_tenant_of(request), record=record, client_ip=client_ip)
 
     def authenticate_header(self, request: Request) -> str:
         return f'Bearer realm="{self.www_authenticate_realm}"'
 
 
-def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None = None):
+def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None = None, client_ip: str = ""):
     """Check a raw API key against its cached record for ``tenant``: ``(ApiKeyUser, AuthContext)``
-    or AuthenticationFailed. Shared by DRF and the WebSocket consumers."""
+    or AuthenticationFailed. Shared by DRF and the WebSocket consumers.
+
+    Guessing a key's secret is throttled per key prefix and client address: after too many wrong
+    secrets that client gets 429 for that key, while the key keeps working from elsewhere.
+    """
+    from billing.ratelimit import auth_failure_register, auth_failures_exceeded
+
     prefix = api_key_parse_prefix(raw_key)
     if prefix is None:
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
     record = record or api_key_resolve(prefix)
-    if record is None or not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+    if record is None:
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    identity = f"{prefix}:{client_ip}"
+    retry_after = auth_failures_exceeded(identity=identity)
+    if retry_after is not None:
+        seconds = max(1, math.ceil(retry_after))
+        raise ParleyError(
+            f"Too many failed attempts with this API key from your address; retry after {seconds} s.",
+            code="too_many_auth_failures",
+            status_code=429,
+            headers={"Retry-After": str(seconds)},
+        )
+    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+        auth_failure_register(identity=identity)
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
     if tenant is None or tenant.pk != record.tenant.pk:
         raise AuthenticationFailed("This API key does not belong to this tenant.", code="invalid_api_key")

@@ -94,7 +94,7 @@ class ChatCompletionsApi(TenantAPIView):
         description="OpenAI's chat completions API; `model` is a bot's public id (see /v1/models).",
     )
     def post(self, request):
-        from chat.apis import end_user_of  # the REST module owns the end-user mapping
+        from chat.apis import caller_of, end_user_of  # the REST module owns the end-user mapping
 
         serializer = ChatCompletionInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -110,7 +110,12 @@ class ChatCompletionsApi(TenantAPIView):
         overrides = _overrides(data)
         end_user = end_user_of(request, data.get("user"))
         started = turns.turn_start_from_messages(
-            bot=bot, end_user=end_user, messages=data["messages"], overrides=overrides, is_streamed=data["stream"]
+            bot=bot,
+            end_user=end_user,
+            messages=data["messages"],
+            overrides=overrides,
+            is_streamed=data["stream"],
+            caller=caller_of(request, bot=bot, external_user=data.get("user")),
         )
         completion_id = f"chatcmpl-{started.generation_id.replace('-', '')}"
         created = int(time.time())
@@ -125,7 +130,7 @@ class ChatCompletionsApi(TenantAPIView):
                 model=bot.public_id,
                 include_usage=include_usage,
             )
-            return sse_response(body, headers={"X-Parley-Generation-Id": started.generation_id})
+            return sse_response(body, headers={"X-Parley-Generation-Id": started.generation_id, **started.headers})
         waited = turns.turn_wait(stream_key=started.stream_key)
         if waited.error is not None:
             raise waited.error
@@ -149,7 +154,7 @@ class ChatCompletionsApi(TenantAPIView):
                 ],
                 "usage": usage,
             },
-            headers={"X-Parley-Generation-Id": started.generation_id},
+            headers={"X-Parley-Generation-Id": started.generation_id, **started.headers},
         )
 
 

@@ -1,0 +1,210 @@
+"""The gateway every turn passes: rate limits and a budget reservation before it reaches a model;
+settlement, the tokens-per-minute charge and metering after it.
+
+Admission runs at the edge (the view or consumer that starts the turn), in this order:
+
+1. rate limits (billing.ratelimit): requests and estimated tokens per minute, per API key, tenant,
+   bot and end user, all-or-nothing in one Redis script → 429 with ``Retry-After``;
+2. the budget reservation (billing.budgets): the estimated tokens reserved atomically at every
+   level (tenant → key → end user) → 402 when a hard budget is used up.
+
+The admission's ticket travels with the turn's job; the generation worker settles it with the real
+usage (zero for a cached answer), charges the real tokens to the per-minute limits, and records a
+usage event (billing.metering, written to PostgreSQL in batches).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from django.conf import settings
+
+from billing.budgets import (
+    BudgetExceeded,
+    Reservation,
+    budget_limits_for,
+    budget_reserve,
+    budget_settle_async,
+)
+from billing.metering import UsageEvent, usage_record_async
+from billing.models import ApiKeyBudget, Plan
+from billing.ratelimit import (
+    Limit,
+    RateLimited,
+    rate_limit,
+    rate_limit_headers,
+    tokens_charge,
+    tokens_charge_async,
+)
+from tenants.errors import ValidationFailed
+
+CHARS_PER_TOKEN = 4  # the estimate before a call; the provider's usage settles it after
+RATE_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "end_user_requests_per_minute",
+    "end_user_tokens_per_minute",
+)
+
+
+def validate_rate_limits(value) -> dict:
+    """A bot's own limits: ``{"requests_per_minute": 600, "end_user_requests_per_minute": 20, …}``
+    (absent or 0: no bot limit; end users default to the platform setting)."""
+    if not isinstance(value, dict):
+        raise ValidationFailed("rate_limits must be an object.", param="rate_limits")
+    cleaned = {}
+    for name, number in value.items():
+        if name not in RATE_LIMIT_FIELDS:
+            raise ValidationFailed(f"Unknown rate limit {name!r}.", param=f"rate_limits.{name}")
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= 10_000_000:
+            raise ValidationFailed(
+                f"rate_limits.{name} must be a whole number from 0 to 10,000,000.", param=f"rate_limits.{name}"
+            )
+        cleaned[name] = number
+    return cleaned
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks, resolved at the edge."""
+
+    tenant: object  # tenants.models.Tenant
+    bot_id: int
+    bot_public_id: str
+    bot_rate_limits: dict
+    api_key_id: int | None
+    end_user: str  # metering and limit identity: "key:12:alice", "visitor:abc", "user:5"
+    # False when the end user is the API key itself (no ``user`` given): the key's limits apply.
+    is_end_user_limited: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    headers: dict[str, str]
+    ticket: dict  # JSON-safe, carried by the turn's job
+
+
+def caller_for(*, tenant, bot, api_key_id: int | None, end_user) -> Caller:
+    """``end_user`` is a chat.selectors.EndUser; an API key without its own ``user`` is its own end user."""
+    return Caller(
+        tenant=tenant,
+        bot_id=bot.pk,
+        bot_public_id=bot.public_id,
+        bot_rate_limits=bot.rate_limits or {},
+        api_key_id=api_key_id,
+        end_user=end_user.id,
+        is_end_user_limited=not (api_key_id is not None and end_user.id == f"key:{api_key_id}"),
+    )
+
+
+def estimate_tokens(*, prompt_chars: int, max_tokens: int | None) -> int:
+    completion = max_tokens if max_tokens is not None else settings.PARLEY_DEFAULT_MAX_TOKENS_ESTIMATE
+    return math.ceil(prompt_chars / CHARS_PER_TOKEN) + completion
+
+
+def _rate_limits(caller: Caller) -> list[Limit]:
+    tenant = caller.tenant
+    plan = Plan.objects.filter(tenants__pk=tenant.pk).first() or Plan()
+    key_rpm = key_tpm = None
+    if caller.api_key_id is not None:
+        override = ApiKeyBudget.objects.filter(api_key_id=caller.api_key_id).first()
+        if override is not None:
+            key_rpm, key_tpm = override.requests_per_minute, override.tokens_per_minute
+    bot = caller.bot_rate_limits or {}
+    end_user_rpm = bot.get("end_user_requests_per_minute", settings.PARLEY_END_USER_REQUESTS_PER_MINUTE)
+    end_user_tpm = bot.get("end_user_tokens_per_minute", settings.PARLEY_END_USER_TOKENS_PER_MINUTE)
+    limits = [
+        Limit("tenant", tenant.schema_name, "requests", plan.requests_per_minute),
+        Limit("tenant", tenant.schema_name, "tokens", plan.tokens_per_minute),
+        Limit("bot", caller.bot_public_id, "requests", bot.get("requests_per_minute", 0)),
+        Limit("bot", caller.bot_public_id, "tokens", bot.get("tokens_per_minute", 0)),
+    ]
+    if caller.is_end_user_limited:
+        limits += [
+            Limit("end_user", caller.end_user, "requests", end_user_rpm),
+            Limit("end_user", caller.end_user, "tokens", end_user_tpm),
+        ]
+    if caller.api_key_id is not None:
+        limits += [
+            Limit("key", str(caller.api_key_id), "requests", key_rpm or plan.requests_per_minute),
+            Limit("key", str(caller.api_key_id), "tokens", key_tpm or plan.tokens_per_minute),
+        ]
+    return limits
+
+
+def _limit_dict(limit: Limit) -> dict:
+    return {"scope": limit.scope, "identity": limit.identity, "kind": limit.kind, "per_minute": limit.per_minute}
+
+
+def admit(*, caller: Caller, prompt_chars: int, max_tokens: int | None) -> Admission:
+    """Rate limits, then the budget; raises RateLimited (429) or BudgetExceeded (402)."""
+    schema_name = caller.tenant.schema_name
+    estimate = estimate_tokens(prompt_chars=prompt_chars, max_tokens=max_tokens)
+    limits = _rate_limits(caller)
+    decision = rate_limit(schema_name=schema_name, limits=limits, costs={"requests": 1, "tokens": estimate})
+    if not decision.allowed:
+        raise RateLimited.from_decision(decision)
+    token_limits = [limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0]
+    budgets = budget_limits_for(tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user)
+    try:
+        reservation = budget_reserve(
+            tenant_schema=schema_name, limits=budgets, tokens=estimate, reservation_id=uuid.uuid4().hex
+        )
+    except BudgetExceeded:
+        # Refused before any work: give the estimate back to the per-minute token limits.
+        tokens_charge(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
+        raise
+    return Admission(
+        headers=rate_limit_headers(decision),
+        ticket={
+            "estimate": estimate,
+            "reservation": reservation.to_dict(),
+            "token_limits": [_limit_dict(limit) for limit in token_limits],
+            "bot": caller.bot_public_id,
+            "api_key_id": caller.api_key_id,
+            "end_user": caller.end_user,
+        },
+    )
+
+
+async def settle(
+    ticket: dict,
+    *,
+    schema_name: str,
+    event_id: str,
+    provider: str,
+    model: str,
+    tokens_in: int,
+    tokens_out: int,
+    cache_layer: str,
+    latency_ms: float,
+    ttft_ms: float | None,
+) -> None:
+    """After the turn: settle the reservation (a cached answer costs nothing), charge the real
+    tokens per minute, and record the usage event. Idempotent per reservation and event id."""
+    billable = 0 if cache_layer else tokens_in + tokens_out
+    await budget_settle_async(reservation=Reservation.from_dict(ticket["reservation"]), actual_tokens=billable)
+    limits = [Limit(**item) for item in ticket.get("token_limits", [])]
+    if limits:
+        await tokens_charge_async(schema_name=schema_name, limits=limits, tokens=billable, reserved=ticket["estimate"])
+    await usage_record_async(
+        UsageEvent(
+            event_id=event_id,
+            tenant_schema=schema_name,
+            bot=ticket.get("bot", ""),
+            api_key_id=ticket.get("api_key_id"),
+            end_user=ticket.get("end_user", ""),
+            provider=provider or "",
+            model=model or "",
+            tokens_in=max(0, tokens_in),
+            tokens_out=max(0, tokens_out),
+            cached=bool(cache_layer),
+            cache_layer=cache_layer,
+            latency_ms=round(latency_ms, 2),
+            ttft_ms=ttft_ms,
+            occurred_at=datetime.now(UTC),
+        )
+    )
