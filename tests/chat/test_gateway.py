@@ -1,0 +1,92 @@
+"""The gateway on the chat endpoints: rate limits (429) and budgets (402) refuse a turn before
+anything is stored; admitted turns carry rate-limit headers and a ticket for the worker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django_tenants.utils import tenant_context
+
+from billing.models import ApiKeyBudget
+from chat.models import Conversation, Message
+from chat.services import bot_create
+from tenants.redis import get_redis
+from tests.factories import bearer, make_api_key
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def bot(tenant_pair):
+    with tenant_context(tenant_pair.a):
+        return bot_create(name="Gate")
+
+
+def _complete(client, bot, key, **extra):
+    body = {"model": bot.public_id, "stream": True, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return client.post("/v1/chat/completions", body, content_type="application/json", **bearer(key))
+
+
+def _stored(tenant) -> tuple[int, int]:
+    with tenant_context(tenant):
+        return Conversation.objects.count(), Message.objects.count()
+
+
+def test_requests_over_the_key_limit_get_429_and_store_nothing(client, tenant_pair, bot):
+    api_key, raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=2)
+
+    admitted = [_complete(client, bot, raw) for _ in range(2)]
+    before = _stored(tenant_pair.a)
+    refused = _complete(client, bot, raw)
+
+    assert [response.status_code for response in admitted] == [200, 200]
+    assert admitted[0]["x-ratelimit-limit-requests"] == "2"
+    assert admitted[1]["x-ratelimit-remaining-requests"] == "0"
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert "this API key" in refused.json()["error"]["message"]
+    assert int(refused["Retry-After"]) >= 1
+    assert _stored(tenant_pair.a) == before
+
+
+def test_an_exhausted_key_budget_gets_402_and_stores_nothing(client, tenant_pair, bot):
+    api_key, raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(api_key=api_key, monthly_token_budget=100)
+    before = _stored(tenant_pair.a)
+
+    response = _complete(client, bot, raw)
+
+    assert response.status_code == 402
+    assert response.json()["error"]["type"] == "insufficient_quota"
+    assert response.json()["error"]["code"] == "budget_exceeded"
+    assert _stored(tenant_pair.a) == before
+
+
+def test_end_users_of_one_key_are_limited_separately(client, tenant_pair, bot, settings):
+    settings.PARLEY_END_USER_REQUESTS_PER_MINUTE = 1
+    _, raw = make_api_key(tenant_pair.a)
+
+    alice = [_complete(client, bot, raw, user="alice").status_code for _ in range(2)]
+    bob = _complete(client, bot, raw, user="bob").status_code
+    anonymous = [_complete(client, bot, raw).status_code for _ in range(2)]  # the key itself: key limits only
+
+    assert alice == [200, 429]
+    assert bob == 200
+    assert anonymous == [200, 200]
+
+
+def test_admitted_turn_carries_a_budget_ticket_to_the_worker(client, tenant_pair, bot):
+    api_key, raw = make_api_key(tenant_pair.a)
+
+    response = _complete(client, bot, raw, max_tokens=50)
+
+    (entry,) = get_redis().xrange("parley:generation:jobs")
+    job = json.loads(entry[1][b"job"])
+    ticket = job["gateway"]
+    assert response.status_code == 200
+    assert ticket["api_key_id"] == api_key.pk
+    assert ticket["end_user"] == f"key:{api_key.pk}"
+    assert ticket["bot"] == bot.public_id
+    assert ticket["reservation"]["tokens"] == ticket["estimate"] > 50
