@@ -66,6 +66,8 @@ class BotOutputSerializer(serializers.ModelSerializer):
             "allow_any_origin",
             "greeting",
             "theme",
+            "cache",
+            "rate_limits",
             "version",
             "created_at",
             "updated_at",
@@ -84,6 +86,8 @@ class BotInputSerializer(StrictSerializer):
     allow_any_origin = serializers.BooleanField(required=False)
     greeting = serializers.CharField(allow_blank=True, max_length=500, required=False)
     theme = serializers.JSONField(required=False)
+    cache = serializers.JSONField(required=False, help_text="Response cache settings (enabled, semantic, …).")
+    rate_limits = serializers.JSONField(required=False, help_text="Per-bot and per-end-user limits.")
 
     def validate_theme(self, value):
         if not isinstance(value, dict) or len(value) > 20:
@@ -198,6 +202,7 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "provider",
             "model",
             "is_cached",
+            "cache_layer",
             "citations",
             "finish_reason",
         ]
@@ -247,6 +252,7 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         if outcome.error is not None:
             raise outcome.error
         answer = selectors.message_get(conversation=conversation, message_id=outcome.message_id)
+        headers["X-Parley-Cache"] = answer.cache_layer or "miss"
         return Response(
             {
                 "generation_id": started.generation_id,

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from django.utils import timezone
 
-from chat import gateway, metrics
+from chat import cache, gateway, metrics
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
 from chat.streams import CoalescingPublisher, cancel_key, generation_stream_key
@@ -70,6 +70,8 @@ class TurnInputs:
     knowledge_base_ids: list[int]
     history: list[dict[str, str]]
     user_content: str
+    cache: dict = field(default_factory=dict)  # the bot's response-cache settings
+    knowledge_signature: str = ""  # "kb_id:version,…": a knowledge change invalidates cached answers
 
 
 @dataclass(slots=True)
@@ -94,6 +96,7 @@ def load_inputs(job: TurnJob) -> TurnInputs:
     bot: Bot = conversation.bot
     user_message = Message.objects.get(pk=job.user_message_id, conversation=conversation)
     window = max(1, bot.history_window) * 2  # turns → messages
+    knowledge = sorted(bot.knowledge_bases.values_list("pk", "version"))
     earlier = (
         Message.objects.filter(conversation=conversation, created_at__lte=user_message.created_at)
         .exclude(pk=user_message.pk)
@@ -107,9 +110,11 @@ def load_inputs(job: TurnJob) -> TurnInputs:
         system_prompt=bot.system_prompt,
         provider_route=bot.provider_route,
         generation=bot.generation,
-        knowledge_base_ids=list(bot.knowledge_bases.values_list("pk", flat=True)),
+        knowledge_base_ids=[pk for pk, _ in knowledge],
         history=[{"role": row["role"], "content": row["content"]} for row in reversed(earlier)],
         user_content=user_message.content,
+        cache=bot.cache or {},
+        knowledge_signature=",".join(f"{pk}:{version}" for pk, version in knowledge),
     )
 
 
@@ -235,6 +240,8 @@ def save_answer(job: TurnJob, outcome: TurnOutcome) -> str:
         model=usage.model if usage else "",
         citations=outcome.citations,
         finish_reason=outcome.finish_reason,
+        is_cached=bool(outcome.cache_layer),
+        cache_layer=outcome.cache_layer,
     )
     Conversation.objects.filter(pk=job.conversation_id).update(last_message_at=timezone.now())
     return str(message.pk)
@@ -252,16 +259,30 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     started = time.perf_counter()
     outcome = TurnOutcome()
     inputs = await in_tenant(job.schema_name, load_inputs, job)
-    sources = await in_tenant(job.schema_name, retrieve_sources, inputs)
-    request = build_request(job, inputs, sources)
     publisher = CoalescingPublisher(redis, stream_key)
-    try:
-        await _stream_answer(
-            request, route_for(inputs.provider_route), job, publisher, redis, outcome, started, CitationTracker(sources)
-        )
-    except ProviderError as error:
-        outcome.error = error
-        outcome.finish_reason = "error"
+    lookup = _cache_request(job, inputs)
+    hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
+    if hit is not None:
+        await _serve_cached(hit, publisher, outcome, started)
+    else:
+        sources = await in_tenant(job.schema_name, retrieve_sources, inputs)
+        request = build_request(job, inputs, sources)
+        try:
+            await _stream_answer(
+                request,
+                route_for(inputs.provider_route),
+                job,
+                publisher,
+                redis,
+                outcome,
+                started,
+                CitationTracker(sources),
+            )
+        except ProviderError as error:
+            outcome.error = error
+            outcome.finish_reason = "error"
+        if lookup and outcome.error is None and outcome.finish_reason == "stop" and outcome.usage is not None:
+            await _cache_store(lookup, inputs, outcome, redis)
     outcome.total_ms = (time.perf_counter() - started) * 1000
     outcome.message_id = await in_tenant(job.schema_name, save_answer, job, outcome)
     _record_metrics(job, outcome)
@@ -296,10 +317,102 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
                 "model": usage.model if usage else "",
                 "ttft_ms": outcome.ttft_ms,
                 "total_ms": round(outcome.total_ms, 2),
-                "cached": False,
+                "cached": bool(outcome.cache_layer),
+                "cache_layer": outcome.cache_layer or "miss",
             },
         )
     return outcome
+
+
+# --- the response cache (chat.cache) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheRequest:
+    scope: cache.CacheScope
+    exact: str
+    question: str | None  # for the semantic layer: only when the answer cannot depend on history
+
+
+def _cache_request(job: TurnJob, inputs: TurnInputs) -> _CacheRequest | None:
+    generation = {**inputs.generation, **job.overrides}
+    if not cache.is_cacheable(generation, cache_settings=inputs.cache):
+        return None
+    scope = cache.CacheScope(
+        schema_name=job.schema_name,
+        bot_id=inputs.bot_id,
+        bot_version=inputs.bot_version,
+        knowledge_signature=inputs.knowledge_signature,
+        generation_signature=cache.generation_digest(generation),
+    )
+    exact = cache.exact_key(
+        scope,
+        system_prompt=inputs.system_prompt,
+        history=inputs.history,
+        user_message=inputs.user_content,
+        generation=generation,
+    )
+    is_faq = bool({**cache.CACHE_SETTINGS_DEFAULTS, **inputs.cache}.get("faq_mode"))
+    question = inputs.user_content if (not inputs.history or is_faq) else None
+    return _CacheRequest(scope=scope, exact=exact, question=question)
+
+
+async def _cache_lookup(lookup: _CacheRequest, inputs: TurnInputs, redis) -> cache.CachedAnswer | None:
+    try:
+        return await cache.cache_lookup(
+            lookup.scope, exact=lookup.exact, question=lookup.question, cache_settings=inputs.cache, redis=redis
+        )
+    except Exception:
+        logger.exception("cache_lookup_failed")  # a cache problem must not fail the turn
+        return None
+
+
+async def _cache_store(lookup: _CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, redis) -> None:
+    usage = outcome.usage
+    try:
+        await cache.cache_store(
+            lookup.scope,
+            exact=lookup.exact,
+            question=lookup.question,
+            text=outcome.text,
+            citations=outcome.citations,
+            usage={
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "provider": usage.target or usage.provider,
+                "model": usage.model,
+                "finish_reason": usage.finish_reason,
+            },
+            cache_settings=inputs.cache,
+            redis=redis,
+        )
+    except Exception:
+        logger.exception("cache_store_failed")
+
+
+_CACHED_PIECE = re.compile(r"\s*\S+\s*")
+
+
+async def _serve_cached(hit: cache.CachedAnswer, publisher: CoalescingPublisher, outcome, started: float) -> None:
+    """The stored answer through the same events as a generated one (tokens, citations, done)."""
+    outcome.cache_layer = hit.layer
+    outcome.ttft_ms = round((time.perf_counter() - started) * 1000, 2)
+    for citation in hit.citations:
+        outcome.citations.append(citation)
+        await publisher.add("citation", citation)
+    for piece in _CACHED_PIECE.findall(hit.text):
+        await publisher.add("token", {"text": piece})
+    outcome.text = hit.text
+    usage = hit.usage or {}
+    outcome.usage = Usage(
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+        finish_reason="stop",
+        provider="cache",
+        model=str(usage.get("model", "")),
+        target=f"cache:{hit.layer}",
+    )
+    outcome.finish_reason = "stop"
 
 
 async def _settle(job: TurnJob, outcome: TurnOutcome) -> None:

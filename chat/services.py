@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 from django.db import connection, transaction
 from django.db.models import F
 
+from chat.cache import cache_settings_validate
+from chat.gateway import validate_rate_limits
 from chat.models import Bot, Conversation, default_generation, default_provider_route
 from chat.providers.registry import validate_route_config
 from knowledge.models import KnowledgeBase
@@ -110,6 +112,8 @@ def bot_create(
     allow_any_origin: bool = False,
     greeting: str = "",
     theme: dict | None = None,
+    cache: dict | None = None,
+    rate_limits: dict | None = None,
 ) -> Bot:
     if not name.strip():
         raise ValidationFailed("Bot name must not be empty.", param="name")
@@ -125,6 +129,8 @@ def bot_create(
         allow_any_origin=allow_any_origin,
         greeting=greeting,
         **({"theme": theme} if theme else {}),
+        cache=cache_settings_validate(cache or {}),
+        rate_limits=validate_rate_limits(rate_limits or {}),
     )
     if knowledge_bases:
         bot.knowledge_bases.set(_knowledge_bases(knowledge_bases))
@@ -142,6 +148,10 @@ def bot_update(*, bot: Bot, **changes: Any) -> Bot:
         changes["generation"] = {**default_generation(), **validate_generation(changes["generation"])}
     if "allowed_origins" in changes:
         changes["allowed_origins"] = validate_origins(changes["allowed_origins"])
+    if "cache" in changes:
+        changes["cache"] = cache_settings_validate(changes["cache"])
+    if "rate_limits" in changes:
+        changes["rate_limits"] = validate_rate_limits(changes["rate_limits"])
     if "name" in changes and not str(changes["name"]).strip():
         raise ValidationFailed("Bot name must not be empty.", param="name")
     knowledge_base_ids = changes.pop("knowledge_bases", None)

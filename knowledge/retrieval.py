@@ -34,9 +34,9 @@ MAX_EF_SEARCH = 1000  # pgvector's upper bound
 # Full text in two passes: passages holding every word of the question (plainto_tsquery AND-s the
 # lexemes), then, if those are too few, passages holding any of them (OR-ed). Ranking reads each
 # matching row's tsvector, so a question made of common words would rank thousands of rows: each
-# pass ranks at most TEXT_MATCHES_RANKED matches (found through the GIN index), which bounds the
+# pass ranks at most TEXT_MATCHES_RANKED matches (found through the GIN index; 12-20 µs each), which bounds the
 # cost at the price of an arbitrary subset when a question matches more than that.
-TEXT_MATCHES_RANKED = 1000
+TEXT_MATCHES_RANKED = 300
 _TEXT_QUERY = """
 SELECT m.id
 FROM (

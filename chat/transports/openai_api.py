@@ -154,7 +154,11 @@ class ChatCompletionsApi(TenantAPIView):
                 ],
                 "usage": usage,
             },
-            headers={"X-Parley-Generation-Id": started.generation_id, **started.headers},
+            headers={
+                "X-Parley-Generation-Id": started.generation_id,
+                "X-Parley-Cache": done.get("cache_layer") or "miss",
+                **started.headers,
+            },
         )
 
 

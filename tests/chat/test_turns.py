@@ -161,3 +161,58 @@ def test_other_end_user_cannot_follow_or_cancel(worker, live, django_db_blocker)
             other.delete()
 
     assert (follow.status_code, cancel.status_code, unknown.status_code) == (404, 404, 404)
+
+
+def _deterministic(live, django_db_blocker, **cache):
+    from chat.services import bot_update
+
+    with django_db_blocker.unblock(), tenant_context(live["tenant"]):
+        bot_update(bot=live["bot"], generation={"temperature": 0.0}, cache=cache)
+
+
+def _new_conversation(live, django_db_blocker):
+    from chat.services import conversation_create
+
+    with django_db_blocker.unblock(), tenant_context(live["tenant"]):
+        return conversation_create(bot=live["bot"], end_user_kind="api", end_user_id=live["conversation"].end_user_id)
+
+
+def test_repeated_question_is_served_from_the_exact_cache(worker, live, django_db_blocker, provider_choice):
+    _deterministic(live, django_db_blocker)
+    first = _post(Client(), live, "How many days do I have to return an item?")
+    # The model is gone: only the cache can answer now, and a new conversation has the same history (none).
+    provider_choice["provider"] = FailingProvider()
+    live_again = {**live, "conversation": _new_conversation(live, django_db_blocker)}
+    second = _post(Client(), live_again, "How many days do I have to return an item?")
+
+    assert first["X-Parley-Cache"] == "miss"
+    assert second.status_code == 200, second.content
+    assert second["X-Parley-Cache"] == "exact"
+    answer = second.json()["message"]
+    assert answer["content"] == first.json()["message"]["content"]
+    assert answer["is_cached"] is True
+    assert answer["cache_layer"] == "exact"
+    assert answer["citations"] == first.json()["message"]["citations"]
+
+
+def test_cache_off_or_nondeterministic_bots_never_hit(worker, live, django_db_blocker):
+    _deterministic(live, django_db_blocker, enabled=False)
+    _post(Client(), live, "How many days do I have to return an item?")
+    live_again = {**live, "conversation": _new_conversation(live, django_db_blocker)}
+    second = _post(Client(), live_again, "How many days do I have to return an item?")
+
+    assert second["X-Parley-Cache"] == "miss"
+    assert second.json()["message"]["is_cached"] is False
+
+
+def test_a_knowledge_change_invalidates_cached_answers(worker, live, django_db_blocker):
+    from tests.factories import ingest_text
+
+    _deterministic(live, django_db_blocker)
+    _post(Client(), live, "How many days do I have to return an item?")
+    with django_db_blocker.unblock(), tenant_context(live["tenant"]):
+        ingest_text(live["kb"], "Gift cards", "Gift cards never expire.")
+    live_again = {**live, "conversation": _new_conversation(live, django_db_blocker)}
+    second = _post(Client(), live_again, "How many days do I have to return an item?")
+
+    assert second["X-Parley-Cache"] == "miss"

@@ -11,9 +11,9 @@ chunks are built from real embeddings:
   passage ``b`` at random and a partner ``p`` from the same topic and gets
   ``normalise(e_b + w·e_p + g)``, w ~ U(0, 0.5) and ``g`` isotropic Gaussian noise of expected
   norm 0.5, and as text a shuffle of sentences of the two passages (the same topic's words,
-  for the full-text half). The report gives the resulting similarity structure: HNSW recall
-  depends on it, and isotropic noise makes the data less clustered (harder for HNSW) than real
-  chunk embeddings are;
+  for the full-text half). The report gives the resulting similarity structure, since HNSW
+  recall depends on it (a variant built from mixtures of three same-topic passages, with less
+  noise, gave the same recall within 0.01);
 - 200 queries ("questions"): single sentences newly generated from the same topics (in no chunk),
   embedded by ``retrieve`` itself through ``query_embedding`` (cold, timed), then cached in Redis;
 - for recall only, 200 new paragraphs ("passages", shaped like the chunks), embedded once and
@@ -27,14 +27,22 @@ COPY; the HNSW index is dropped for each load and rebuilt with the exact definit
 (CREATE INDEX, maintenance_work_mem raised for the build), then VACUUM ANALYZE. The table grows
 from 10k to 100k: the same tenant and knowledge base serve both levels.
 
-Measured per level, each query once untimed to warm the caches, then timed:
+Measured per level, after untimed warm-up calls:
 
-- ``retrieve(...)`` (limit 5, the chat engine's call), query embeddings cached, in two passes,
-  with its parts timed by wrapping them (full-text candidates, vector candidates, fusion);
+- ``retrieve(...)`` (limit 5, the chat engine's call), query embeddings cached, once per
+  question (within a time budget), with its parts timed by wrapping them (full-text candidates,
+  vector candidates, fusion, knowledge-base lookup);
 - the vector SQL exactly as ``retrieve`` builds it (``knowledge.retrieval._VECTOR_QUERY``):
   approximate (HNSW) at several ``hnsw.ef_search`` values, and exact (ordered by
   ``(distance) + 0``, which keeps the planner off the index), LIMIT 20 (retrieve's candidates);
-- recall@10 of each approximate run against the exact run of the same query.
+- recall@10 of each approximate run against the exact run of the same query, for the questions
+  and for the passages;
+- EXPLAIN ANALYZE of the vector SQL (the HNSW index must be used) and of the full-text statements
+  retrieve actually sent.
+
+The generated corpus has a small vocabulary (every lexeme recurs in thousands of chunks), so the
+full-text passes match far more rows than they would in real documents: their times here are an
+upper bound.
 """
 
 from __future__ import annotations
