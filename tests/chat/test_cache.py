@@ -307,6 +307,17 @@ async def test_a_lookup_sees_answers_stored_after_it_read_the_scope(redis):
     assert after.question == "How do I cancel my subscription?"
 
 
+async def test_a_long_message_skips_the_semantic_layer(redis):
+    long_question = "How do I cancel my subscription? " + "Some context about my account. " * 20
+    await _store(redis, long_question)
+
+    answer = await _lookup(redis, long_question.replace("How do I cancel", "How can I cancel"))
+
+    assert len(long_question) > 500
+    assert answer is None
+    assert await redis.keys(f"t:{SCHEMA_A}:cache:s:*") == []
+
+
 async def test_a_higher_threshold_turns_a_paraphrase_away(redis):
     await _store(redis, "How do I cancel my subscription?")
     strict = cache_settings_validate({"similarity_threshold": 0.95})
@@ -475,6 +486,8 @@ async def test_lookups_are_counted_per_layer_and_outcome(redis):
                      id="extra_words_case"),
         pytest.param("How do I cancel my subscription?", "I want to stop my plan, how?", None, id="paraphrase_case"),
         pytest.param("Can I add 5 users?", "Can I add five users?", None, id="number_word_case"),
+        pytest.param("Où est ma commande ?", "Ou est ma commande?", None, id="accents_case"),
+        pytest.param("注文はどこですか", "注文をキャンセルするには", "nothing shared", id="no_latin_words_case"),
     ],
 )  # fmt: skip
 def test_verification_reasons(cached, asked, reason):

@@ -318,6 +318,13 @@ def test_semantic_cache_hit_rates_and_latency(django_db_setup, django_db_blocker
         if pair["kind"] == "near_miss" and not pairwise[pair["id"]]["hit"]
     )
     false_hits = [pair for pair in pairs if pair["kind"] != "paraphrase" and pairwise[pair["id"]]["hit"]]
+    # Which pairs the word-embedding step decided: the verdict with every word pair scored 0.
+    word_step_decided = [
+        pair["id"]
+        for pair in pairs
+        if cache.paraphrase_rejection(pair["a"], pair["b"])
+        != cache.paraphrase_rejection(pair["a"], pair["b"], word_similarity=lambda words: [0.0] * len(words))
+    ]
     all_near = design["all"]["near_miss"]
     upper = _upper_95(all_near["hits"], all_near["total"])
 
@@ -345,10 +352,15 @@ def test_semantic_cache_hit_rates_and_latency(django_db_setup, django_db_blocker
 
 {counts["paraphrase"]} paraphrase pairs, {counts["near_miss"]} near-miss pairs and {counts["distinct"]} distinct
 pairs of support-bot questions (`tests/perf/semantic_cache_pairs.jsonl`), each labelled tune or holdout
-(half each). The verification's word lists and limits were tuned on the tune half only; the holdout
-half is what they score on questions they were not fitted to. A true hit: a paraphrase served the
-cached answer; a false hit: a near-miss question served the other question's answer. Target: false
-hits < 2%.
+(half each). The verification's synonym, opposite and phrase lists and its limits were tuned looking
+at the tune half only; the holdout half is what they score on questions they were not fitted to.
+Two rules came later and from the whole set: the shared-scope check below (questions of both halves)
+first showed words added on one side only serving wrong answers (9 of 80 near-miss questions, e.g.
+"How do I disable notifications?" served "How do I turn off email notifications?"), which led to
+"one-sided words only from a short list of context words" and "why / when / where-is must agree".
+A true hit: a paraphrase served the cached answer; a false hit: a near-miss question served the
+other question's answer. Target: false hits < 2%; with 80 near-miss pairs, 0 false hits bounds the
+rate below 3.7% (95%), so the set can show the target is plausible, not prove it.
 
 Cosine similarity of the pairs (all-MiniLM-L6-v2), p10 / p50 / p90: paraphrases {spread["paraphrase"]},
 near-misses {spread["near_miss"]}, distinct {spread["distinct"]}: near-misses score *higher* than
@@ -361,11 +373,15 @@ paraphrases, so no cosine threshold separates them.
   {_rate(**design_all["distinct"])}. False hits: {listed_false_hits or "none"}.
 - Paraphrases missed, by the first rule that turned them away: {missed_text}.
 - Near-misses turned away by: {rejected_text}.
+- Pairs whose verdict the word-embedding step (pairing words at cosine >= {cache.WORD_SIMILARITY_MIN}) decided:
+  {", ".join(word_step_decided) or "none: the synonym lists already fold every pair it would join"}.
 - Shared scope ({shared["stored"]} questions stored in one bot's cache, the second question of every
   pair asked): paraphrases got their own question's answer {shared_paraphrase.get("right", 0)} times,
   another's {shared_paraphrase.get("wrong", 0)} times, nothing {shared_paraphrase.get("miss", 0)} times;
   near-miss questions got another question's answer {shared_near.get("wrong", 0)} times, one of their
   own intent {shared_near.get("right", 0)} times, nothing {shared_near.get("miss", 0)} times.{shared_wrong}
+  ("Wrong" means another pair's question; adding a person to a team may well be the same intent as
+  "How do I add a team member?", which the set does not label.)
 
 Hit latency, server-side: `cache_lookup` on the event loop with Redis over loopback, {LATENCY_ROUNDS}
 lookups per variant interleaved in blocks of 10 after {LATENCY_WARMUP} warm-up lookups. A semantic hit
@@ -394,6 +410,7 @@ cold" also embeds the words the verification compares. Targets: exact hit p50 <
         "false_hit_upper_95": round(upper, 4),
         "paraphrases_missed_by_reason": dict(missed),
         "near_misses_rejected_by_reason": dict(rejected),
+        "decided_by_word_embeddings": word_step_decided,
         "shared_scope": shared,
         "latency_ms": {name: stats.as_dict(unit="ms") for name, stats in latency.items()},
         "similarity_percentiles": {kind: values.tolist() for kind, values in similarities.items()},
