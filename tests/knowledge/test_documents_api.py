@@ -7,7 +7,6 @@ around it, exercised with a real worker in test_ingestion_worker.py.
 from __future__ import annotations
 
 import io
-import zipfile
 
 import pytest
 from django.db import connection
@@ -17,7 +16,14 @@ from django_tenants.utils import tenant_context
 from knowledge import services
 from knowledge.models import Chunk, Document, DocumentContent, KnowledgeBase
 from tests.factories import bearer, make_api_key
-from tests.knowledge.documents import docx_bytes, encrypted_pdf_bytes, pdf_bytes
+from tests.knowledge.fixtures_docs import (
+    DocxBlock,
+    PdfPage,
+    docx_bytes,
+    encrypted_pdf_bytes,
+    pdf_bytes,
+    zip_bomb_docx_bytes,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -192,7 +198,12 @@ def test_identical_content_is_not_ingested_twice(client, key, kb):
 
 
 def test_pdf_upload_detected_by_content_keeps_pages(client, key, kb):
-    data = pdf_bytes(["Warranty covers manufacturing defects for two years.", "Batteries are covered for one year."])
+    data = pdf_bytes(
+        [
+            PdfPage(heading=None, paragraphs=["Warranty covers manufacturing defects for two years."]),
+            PdfPage(heading=None, paragraphs=["Batteries are covered for one year."]),
+        ]
+    )
     response = _upload(client, kb, key, "notes.txt", data, title="Warranty")
 
     assert response.status_code == 202
@@ -207,7 +218,9 @@ def test_pdf_upload_detected_by_content_keeps_pages(client, key, kb):
 
 
 def test_docx_upload_keeps_headings(client, key, kb):
-    data = docx_bytes([("Heading 1", "Security"), ("Normal", "All data is encrypted at rest with AES-256.")])
+    data = docx_bytes(
+        [DocxBlock("heading", "Security"), DocxBlock("paragraph", "All data is encrypted at rest with AES-256.")]
+    )
     response = _upload(client, kb, key, "Security Policy.docx", data)
 
     assert ingest(response.json()["id"]) == "ready"
@@ -340,17 +353,6 @@ def test_search_can_be_limited_to_documents(client, key, kb):
 # --- bad input ----------------------------------------------------------------------------------
 
 
-def _zip_bomb_docx() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types/>')
-        with archive.open("word/document.xml", "w", force_zip64=True) as entry:
-            block = b" " * (1024 * 1024)
-            for _ in range(1024):  # 1 GiB of spaces, about 1 MB compressed
-                entry.write(block)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     ("name", "data", "status", "code"),
     [
@@ -419,7 +421,12 @@ def test_document_count_limit_of_the_plan(client, key, kb, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "data", "code"),
     [
-        pytest.param("secret.pdf", encrypted_pdf_bytes("Top secret."), "encrypted_pdf", id="encrypted_pdf_case"),
+        pytest.param(
+            "secret.pdf",
+            encrypted_pdf_bytes(pdf_bytes([PdfPage(None, ["Top secret."])]), user_password="s3cret"),
+            "encrypted_pdf",
+            id="encrypted_pdf_case",
+        ),
         pytest.param("broken.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog", "corrupt_file", id="corrupt_pdf_case"),
         pytest.param("bomb.docx", None, "archive_too_large", id="zip_bomb_docx_case"),
     ],
@@ -432,7 +439,7 @@ def test_bad_files_fail_in_the_worker_and_touch_nothing_else(client, key, kb, na
     chunks_before = list(Chunk.objects.values_list("id", flat=True))
     version = KnowledgeBase.objects.get().version
 
-    response = _upload(client, kb, key, name, data if data is not None else _zip_bomb_docx())
+    response = _upload(client, kb, key, name, data if data is not None else zip_bomb_docx_bytes())
     assert response.status_code == 202, response.content
     outcome = ingest(response.json()["id"])
     row = client.get(f"/api/v1/documents/{response.json()['id']}/", **bearer(key)).json()
