@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from django.db.models import Sum
 
 from knowledge.embedders import get_embedder
-from knowledge.models import ANN_INDEXED_DIMENSIONS, Document, KnowledgeBase
+from knowledge.models import ANN_INDEXED_DIMENSIONS, Document
 from tenants.redis import get_redis, tenant_key
 
 RRF_K = 60
@@ -107,19 +107,42 @@ class _EmbedderGroup:
     embedder: dict
     dimensions: int
     knowledge_base_ids: list[int]
+    chunks: int  # chunks in these knowledge bases
+    dimension_chunks: int  # chunks of the tenant with this dimension (what one HNSW index holds)
+
+
+# One query for every knowledge base of the tenant (a handful): their embedders and chunk counts,
+# from which each search's scope and its index's size both follow.
+_KNOWLEDGE_BASES_QUERY = """
+SELECT kb.id, kb.embedder, kb.dimensions, COALESCE(SUM(d.chunk_count), 0)
+FROM knowledge_knowledgebase kb LEFT JOIN knowledge_document d ON d.knowledge_base_id = kb.id
+GROUP BY kb.id
+"""
 
 
 def _embedder_groups(knowledge_base_ids: list[int]) -> list[_EmbedderGroup]:
     """Knowledge bases sharing an embedder are searched with one query embedding."""
+    with connection.cursor() as cursor:
+        cursor.execute(_KNOWLEDGE_BASES_QUERY)
+        rows = cursor.fetchall()
+    by_dimension: dict[int, int] = defaultdict(int)
+    for _kb_id, _embedder, dimensions, chunks in rows:
+        by_dimension[dimensions] += int(chunks)
+    wanted = set(knowledge_base_ids)
     groups: dict[str, _EmbedderGroup] = {}
-    for kb_id, embedder, dimensions in KnowledgeBase.objects.filter(pk__in=knowledge_base_ids).values_list(
-        "pk", "embedder", "dimensions"
-    ):
-        if dimensions not in ANN_INDEXED_DIMENSIONS:
+    for kb_id, embedder, dimensions, chunks in rows:
+        if kb_id not in wanted or dimensions not in ANN_INDEXED_DIMENSIONS:
             continue
+        embedder = json.loads(embedder) if isinstance(embedder, str) else embedder
         key = json.dumps(embedder, sort_keys=True)
-        group = groups.setdefault(key, _EmbedderGroup(embedder=embedder, dimensions=dimensions, knowledge_base_ids=[]))
-        group.knowledge_base_ids.append(kb_id)
+        group = groups.get(key)
+        groups[key] = _EmbedderGroup(
+            embedder=embedder,
+            dimensions=dimensions,
+            knowledge_base_ids=[*(group.knowledge_base_ids if group else []), kb_id],
+            chunks=(group.chunks if group else 0) + int(chunks),
+            dimension_chunks=by_dimension[dimensions],
+        )
     return list(groups.values())
 
 
@@ -156,10 +179,10 @@ def query_embedding(embedder_config: dict, query: str) -> list[float]:
 def _vector_candidates(group: _EmbedderGroup, query, candidates, document_ids) -> list[tuple[int, float]]:
     vector = query_embedding(group.embedder, query)
     literal = "[" + ",".join(repr(float(value)) for value in vector) + "]"
-    documents = Document.objects.filter(knowledge_base_id__in=group.knowledge_base_ids)
-    if document_ids is not None:
-        documents = documents.filter(pk__in=document_ids)
-    in_scope = documents.aggregate(total=Sum("chunk_count"))["total"] or 0
+    in_scope = group.chunks
+    if document_ids is not None:  # a document filter narrows the scope: count it
+        documents = Document.objects.filter(knowledge_base_id__in=group.knowledge_base_ids, pk__in=document_ids)
+        in_scope = documents.aggregate(total=Sum("chunk_count"))["total"] or 0
     if not in_scope:
         return []
     exact = in_scope <= settings.KNOWLEDGE_EXACT_SEARCH_MAX_CHUNKS
@@ -174,18 +197,15 @@ def _vector_candidates(group: _EmbedderGroup, query, candidates, document_ids) -
     sql = _VECTOR_QUERY.format(dimensions=dimensions, document_filter=document_filter, order=order)
     with transaction.atomic(), connection.cursor() as cursor:
         if not exact:
-            cursor.execute("SET LOCAL hnsw.ef_search = %s", [_ef_search(dimensions, in_scope, candidates)])
+            ef_search = _ef_search(group.dimension_chunks or in_scope, in_scope, candidates)
+            cursor.execute("SET LOCAL hnsw.ef_search = %s", [ef_search])
         cursor.execute(sql, [*params, literal, candidates])
         return [(row[0], float(row[1])) for row in cursor.fetchall()]
 
 
-def _ef_search(dimensions: int, in_scope: int, candidates: int) -> int:
+def _ef_search(total: int, in_scope: int, candidates: int) -> int:
     """A filter applied after the HNSW scan discards the candidates outside the scope, so the scan
     must look at proportionally more of them to return enough inside it."""
-    total = (
-        Document.objects.filter(knowledge_base__dimensions=dimensions).aggregate(total=Sum("chunk_count"))["total"]
-        or in_scope
-    )
     wanted = max(settings.KNOWLEDGE_HNSW_EF_SEARCH, candidates) * max(1.0, total / in_scope)
     return min(MAX_EF_SEARCH, math.ceil(wanted))
 
