@@ -158,27 +158,45 @@ def _aware(day: date) -> datetime:
 # --- limits -------------------------------------------------------------------------------------
 
 
-def budget_limits_for(*, tenant, api_key_id: int | None, end_user: str) -> list[BudgetLimit]:
-    """The budgets a request of this tenant, key and end user must fit in (one query).
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    """What the gateway enforces for one request: the plan's per-minute limits (with the API key's
+    overrides) and the monthly budgets."""
+
+    requests_per_minute: int
+    tokens_per_minute: int
+    key_requests_per_minute: int | None
+    key_tokens_per_minute: int | None
+    budgets: list[BudgetLimit]
+
+
+def billing_policy_get(*, tenant, api_key_id: int | None, end_user: str) -> BillingPolicy:
+    """The rate limits and budgets a request of this tenant, key and end user must fit in, in one
+    query (tenant ⋈ plan ⋈ billing, the key's overrides as subqueries).
 
     Read from the database on every call, not from the resolution cache: a plan or budget change
     takes effect on the next request.
 
     * tenant: ``TenantBilling.monthly_token_budget``, else the plan's included tokens; hard unless
       the tenant's billing allows overage (``is_budget_hard=False``). No plan: the default plan.
-    * key: ``ApiKeyBudget.monthly_token_budget`` when set; always hard.
+    * key: ``ApiKeyBudget.monthly_token_budget`` when set; always hard. Its per-minute overrides
+      replace the plan's for that key.
     * end user: ``TenantBilling.end_user_monthly_tokens`` when set and the end user is known; hard.
     """
     from tenants.models import Tenant
 
     rows = Tenant.objects.filter(pk=tenant.pk).select_related("plan", "billing")
     if api_key_id is not None:
-        key_budget = ApiKeyBudget.objects.filter(api_key_id=api_key_id, api_key__tenant_id=OuterRef("pk"))
-        rows = rows.annotate(key_budget=Subquery(key_budget.values("monthly_token_budget")[:1]))
+        overrides = ApiKeyBudget.objects.filter(api_key_id=api_key_id, api_key__tenant_id=OuterRef("pk"))
+        rows = rows.annotate(
+            key_budget=Subquery(overrides.values("monthly_token_budget")[:1]),
+            key_rpm=Subquery(overrides.values("requests_per_minute")[:1]),
+            key_tpm=Subquery(overrides.values("tokens_per_minute")[:1]),
+        )
     row = rows.first()
+    plan = (row.plan if row is not None else None) or Plan()
     if row is None:
-        return []
-    plan = row.plan or Plan()
+        return BillingPolicy(plan.requests_per_minute, plan.tokens_per_minute, None, None, [])
     try:
         billing = row.billing
     except TenantBilling.DoesNotExist:  # a reverse one-to-one raises rather than returning None
@@ -197,7 +215,18 @@ def budget_limits_for(*, tenant, api_key_id: int | None, end_user: str) -> list[
         limits.append(BudgetLimit(LEVEL_KEY, str(api_key_id), key_tokens, True))
     if end_user and end_user_tokens is not None:
         limits.append(BudgetLimit(LEVEL_END_USER, end_user, end_user_tokens, True))
-    return limits
+    return BillingPolicy(
+        requests_per_minute=plan.requests_per_minute,
+        tokens_per_minute=plan.tokens_per_minute,
+        key_requests_per_minute=getattr(row, "key_rpm", None),
+        key_tokens_per_minute=getattr(row, "key_tpm", None),
+        budgets=limits,
+    )
+
+
+def budget_limits_for(*, tenant, api_key_id: int | None, end_user: str) -> list[BudgetLimit]:
+    """The budgets alone (see billing_policy_get)."""
+    return billing_policy_get(tenant=tenant, api_key_id=api_key_id, end_user=end_user).budgets
 
 
 # --- Redis keys and scripts ---------------------------------------------------------------------

@@ -247,6 +247,9 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         )
         headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
         if is_streamed:
+            layer = turns.turn_cache_layer(stream_key=started.stream_key)
+            if layer is not None:
+                headers["X-Parley-Cache"] = layer
             return sse_response(event_stream(started.stream_key), headers=headers)
         outcome = turns.turn_wait(stream_key=started.stream_key)
         if outcome.error is not None:

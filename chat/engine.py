@@ -24,7 +24,7 @@ from django.utils import timezone
 from chat import cache, gateway, metrics
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
-from chat.streams import CoalescingPublisher, cancel_key, generation_stream_key
+from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generation_stream_key
 from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
 
@@ -262,6 +262,8 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     publisher = CoalescingPublisher(redis, stream_key)
     lookup = _cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
+    # The web side holds an SSE response's headers for this event (X-Parley-Cache).
+    await publisher.announce(STARTED_EVENT, {"cache": hit.layer if hit is not None else "miss"})
     if hit is not None:
         await _serve_cached(hit, publisher, outcome, started)
     else:

@@ -23,14 +23,14 @@ from datetime import UTC, datetime
 from django.conf import settings
 
 from billing.budgets import (
+    BillingPolicy,
     BudgetExceeded,
     Reservation,
-    budget_limits_for,
+    billing_policy_get,
     budget_reserve,
     budget_settle_async,
 )
 from billing.metering import UsageEvent, usage_record_async
-from billing.models import ApiKeyBudget, Plan
 from billing.ratelimit import (
     Limit,
     RateLimited,
@@ -105,20 +105,15 @@ def estimate_tokens(*, prompt_chars: int, max_tokens: int | None) -> int:
     return math.ceil(prompt_chars / CHARS_PER_TOKEN) + completion
 
 
-def _rate_limits(caller: Caller) -> list[Limit]:
+def _rate_limits(caller: Caller, policy: BillingPolicy) -> list[Limit]:
     tenant = caller.tenant
-    plan = Plan.objects.filter(tenants__pk=tenant.pk).first() or Plan()
-    key_rpm = key_tpm = None
-    if caller.api_key_id is not None:
-        override = ApiKeyBudget.objects.filter(api_key_id=caller.api_key_id).first()
-        if override is not None:
-            key_rpm, key_tpm = override.requests_per_minute, override.tokens_per_minute
+    key_rpm, key_tpm = policy.key_requests_per_minute, policy.key_tokens_per_minute
     bot = caller.bot_rate_limits or {}
     end_user_rpm = bot.get("end_user_requests_per_minute", settings.PARLEY_END_USER_REQUESTS_PER_MINUTE)
     end_user_tpm = bot.get("end_user_tokens_per_minute", settings.PARLEY_END_USER_TOKENS_PER_MINUTE)
     limits = [
-        Limit("tenant", tenant.schema_name, "requests", plan.requests_per_minute),
-        Limit("tenant", tenant.schema_name, "tokens", plan.tokens_per_minute),
+        Limit("tenant", tenant.schema_name, "requests", policy.requests_per_minute),
+        Limit("tenant", tenant.schema_name, "tokens", policy.tokens_per_minute),
         Limit("bot", caller.bot_public_id, "requests", bot.get("requests_per_minute", 0)),
         Limit("bot", caller.bot_public_id, "tokens", bot.get("tokens_per_minute", 0)),
     ]
@@ -129,8 +124,8 @@ def _rate_limits(caller: Caller) -> list[Limit]:
         ]
     if caller.api_key_id is not None:
         limits += [
-            Limit("key", str(caller.api_key_id), "requests", key_rpm or plan.requests_per_minute),
-            Limit("key", str(caller.api_key_id), "tokens", key_tpm or plan.tokens_per_minute),
+            Limit("key", str(caller.api_key_id), "requests", key_rpm or policy.requests_per_minute),
+            Limit("key", str(caller.api_key_id), "tokens", key_tpm or policy.tokens_per_minute),
         ]
     return limits
 
@@ -143,12 +138,14 @@ def admit(*, caller: Caller, prompt_chars: int, max_tokens: int | None) -> Admis
     """Rate limits, then the budget; raises RateLimited (429) or BudgetExceeded (402)."""
     schema_name = caller.tenant.schema_name
     estimate = estimate_tokens(prompt_chars=prompt_chars, max_tokens=max_tokens)
-    limits = _rate_limits(caller)
+    # One query for the plan, the key's overrides and the budgets (read fresh: plan changes apply at once).
+    policy = billing_policy_get(tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user)
+    limits = _rate_limits(caller, policy)
     decision = rate_limit(schema_name=schema_name, limits=limits, costs={"requests": 1, "tokens": estimate})
     if not decision.allowed:
         raise RateLimited.from_decision(decision)
     token_limits = [limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0]
-    budgets = budget_limits_for(tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user)
+    budgets = policy.budgets
     try:
         reservation = budget_reserve(
             tenant_schema=schema_name, limits=budgets, tokens=estimate, reservation_id=uuid.uuid4().hex

@@ -25,6 +25,8 @@ STREAM_TTL_SECONDS = 3600
 FRAME_SECONDS = 0.02  # tokens arriving within one frame (50 per second) share one event
 STREAM_MAX_EVENTS = 50_000  # far above any answer; bounds a runaway generation's memory
 TERMINAL_EVENTS = frozenset({"done", "error"})
+# A worker took the turn and looked it up in the response cache: {"cache": "exact"|"semantic"|"miss"}.
+STARTED_EVENT = "generation.started"
 JOBS_STREAM = "parley:generation:jobs"
 JOBS_GROUP = "generators"
 
@@ -97,6 +99,13 @@ class CoalescingPublisher:
             await self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+
+    async def announce(self, event_type: str, data: dict[str, Any]) -> None:
+        """Publish an event at once, outside the token frames: it does not delay the tokens after it."""
+        last_write = self._last_write
+        self._pending.append((event_type, dict(data)))
+        await self.flush()
+        self._last_write = last_write
 
     async def close(self, event_type: str, data: dict[str, Any]) -> None:
         """Publish the terminal event after everything pending."""

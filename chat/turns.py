@@ -19,7 +19,14 @@ from chat.engine import TurnJob
 from chat.gateway import Admission, Caller, admit
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
-from chat.streams import JOBS_STREAM, STREAM_TTL_SECONDS, cancel_key, generation_owner_key, generation_stream_key
+from chat.streams import (
+    JOBS_STREAM,
+    STARTED_EVENT,
+    STREAM_TTL_SECONDS,
+    cancel_key,
+    generation_owner_key,
+    generation_stream_key,
+)
 from tenants.errors import NotFound, ParleyError, ValidationFailed
 from tenants.redis import get_redis
 
@@ -194,6 +201,32 @@ def generation_get_for(*, generation_id: str, end_user: EndUser) -> str:
 def generation_cancel(*, generation_id: str, end_user: EndUser) -> None:
     generation_get_for(generation_id=generation_id, end_user=end_user)
     get_redis().set(cancel_key(connection.schema_name, str(uuid.UUID(generation_id))), 1, ex=STREAM_TTL_SECONDS)
+
+
+# How long an SSE response's headers wait for the worker's cache decision (X-Parley-Cache). The
+# first token comes after that decision anyway, so the wait costs a streaming client nothing;
+# past it (workers backlogged) the response starts without the header.
+CACHE_HEADER_WAIT_MS = 2_000
+
+
+def turn_cache_layer(*, stream_key: str, timeout_ms: int = CACHE_HEADER_WAIT_MS) -> str | None:
+    """``exact`` | ``semantic`` | ``miss`` once the generation worker has looked the turn up in the
+    response cache; None if it has not within ``timeout_ms``."""
+    if not connection.in_atomic_block:
+        connection.close()  # no database work is left in the request: do not hold a connection
+    redis = get_redis()
+    last = "0-0"
+    deadline = time.monotonic() + timeout_ms / 1000
+    while (remaining := deadline - time.monotonic()) > 0:
+        response = redis.xread({stream_key: last}, block=max(1, int(remaining * 1000)), count=64)
+        for _key, entries in response or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields[b"type"] == STARTED_EVENT.encode():
+                    return json.loads(fields[b"data"])["cache"]
+                if fields[b"type"] in (b"done", b"error"):
+                    return None
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,3 +90,23 @@ def test_admitted_turn_carries_a_budget_ticket_to_the_worker(client, tenant_pair
     assert ticket["end_user"] == f"key:{api_key.pk}"
     assert ticket["bot"] == bot.public_id
     assert ticket["reservation"]["tokens"] == ticket["estimate"] > 50
+
+
+def test_admission_reads_plan_key_overrides_and_budgets_in_one_query(tenant_pair, bot, django_assert_num_queries):
+    from chat.gateway import admit, caller_for
+    from chat.selectors import EndUser
+
+    api_key, _raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=7, monthly_token_budget=50_000)
+    caller = caller_for(
+        tenant=tenant_pair.a, bot=bot, api_key_id=api_key.pk, end_user=EndUser(kind="api", id=f"key:{api_key.pk}")
+    )
+
+    admit(caller=caller, prompt_chars=40, max_tokens=100)  # the month's counters start from the database once
+
+    with django_assert_num_queries(1):
+        admission = admit(caller=caller, prompt_chars=40, max_tokens=100)
+
+    assert admission.headers["x-ratelimit-limit-requests"] == "7"
+    assert admission.headers["x-ratelimit-remaining-requests"] == "5"
+    assert [level[0] for level in admission.ticket["reservation"]["levels"]] == ["tenant", "key"]

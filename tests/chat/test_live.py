@@ -41,14 +41,15 @@ def test_openai_sdk_non_streaming(servers, worker, live):
 def test_openai_sdk_streaming_with_usage(servers, worker, live):
     client = openai.OpenAI(base_url=f"{servers[1].url}/v1", api_key=live["raw"], max_retries=0)
 
-    chunks = list(
-        client.chat.completions.create(
-            model=live["bot"].public_id,
-            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are refunds paid?"}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+    raw = client.chat.completions.with_raw_response.create(
+        model=live["bot"].public_id,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are refunds paid?"}],
+        stream=True,
+        stream_options={"include_usage": True},
     )
+    chunks = list(raw.parse())
+
+    assert raw.headers["x-parley-cache"] == "miss"  # the local responder's sampling is not cacheable
 
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert "original card" in text

@@ -195,6 +195,27 @@ def test_repeated_question_is_served_from_the_exact_cache(worker, live, django_d
     assert answer["citations"] == first.json()["message"]["citations"]
 
 
+def test_streamed_answers_carry_the_cache_layer_header_and_event(worker, live, django_db_blocker, provider_choice):
+    _deterministic(live, django_db_blocker)
+    first = _post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
+    first_events = _events(first)
+    provider_choice["provider"] = FailingProvider()
+    live_again = {**live, "conversation": _new_conversation(live, django_db_blocker)}
+    second = _post(Client(), live_again, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
+    second_events = _events(second)
+
+    assert (first["X-Parley-Cache"], second["X-Parley-Cache"]) == ("miss", "exact")
+    started = [data for _id, event_type, data in second_events if event_type == "generation.started"]
+    assert started == [{"cache": "exact"}]
+    assert [event_type for _id, event_type, _data in first_events][:2] == ["message.created", "generation.started"]
+    assert second_events[-1][2]["cache_layer"] == "exact"
+
+    def text(events):
+        return "".join(data["text"] for _id, event_type, data in events if event_type == "token")
+
+    assert text(second_events) == text(first_events)
+
+
 def test_cache_off_or_nondeterministic_bots_never_hit(worker, live, django_db_blocker):
     _deterministic(live, django_db_blocker, enabled=False)
     _post(Client(), live, "How many days do I have to return an item?")
