@@ -14,6 +14,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@command -v redis-server >/dev/null || { echo "Installing redis-server (Debian package)…"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@# Browser tests drive Debian's Chromium through Playwright (no browser download).
+	@command -v chromium >/dev/null || { echo "Installing chromium (Debian package) for the browser tests…"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# CPU torch first, pinned: a later resolver would otherwise pull the CUDA build (GBs).
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
