@@ -50,6 +50,9 @@ class Bot(models.Model):
     cache = models.JSONField(default=dict, blank=True)
     # Per-bot and per-end-user rate limits (chat.gateway.validate_rate_limits); the plan sets the rest.
     rate_limits = models.JSONField(default=dict, blank=True)
+    # HMAC key for identity verification: the customer's backend signs its user's id with it, and the
+    # widget's conversation then belongs to that verified user. Empty: identity verification is off.
+    identity_secret = models.CharField(max_length=100, blank=True, default="")
     # Bumped whenever anything that shapes answers changes; response caches key on it.
     version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now)
@@ -90,6 +93,10 @@ class Message(models.Model):
         ASSISTANT = "assistant", "Assistant"
         SYSTEM = "system", "System"
 
+    class Feedback(models.TextChoices):
+        UP = "up", "Helpful"
+        DOWN = "down", "Not helpful"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=20, choices=Role.choices)
@@ -107,6 +114,10 @@ class Message(models.Model):
     cache_layer = models.CharField(max_length=10, blank=True, default="")  # "exact" | "semantic" when cached
     citations = models.JSONField(default=list, blank=True)
     finish_reason = models.CharField(max_length=40, blank=True, default="")
+    # The end user's verdict on an assistant answer (widget thumbs, API).
+    feedback = models.CharField(max_length=10, choices=Feedback.choices, blank=True, default="")
+    feedback_comment = models.CharField(max_length=2000, blank=True, default="")
+    feedback_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["created_at", "id"]
