@@ -126,13 +126,17 @@ def _answers(url: str, headers: dict[str, str] | None = None) -> Callable[[], bo
 # --- the mock model ----------------------------------------------------------------------------
 
 
-def mock_start(*, workers: int) -> ServerGroup:
-    """``python -m chat.mock_server`` at zero delay, 20-token answers (its defaults)."""
+def mock_start(*, workers: int, ttft_ms: float = 0.0) -> ServerGroup:
+    """``python -m chat.mock_server``, 20-token answers (its default); no delay unless ``ttft_ms``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process, log = _spawn(
         "mock",
-        [sys.executable, "-m", "chat.mock_server", "--port", str(port), "--workers", str(workers)],
+        [
+            sys.executable,
+            *("-m", "chat.mock_server", "--port", str(port), "--workers", str(workers)),
+            *("--ttft-ms", str(ttft_ms)),
+        ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     group = ServerGroup(name="mock", urls=[url], processes=[process], logs=[log])
