@@ -19,9 +19,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from django.utils import timezone
 
-from chat import cache, gateway, metrics
+from chat import cache, gateway, metrics, selectors
+from chat.memory import hot_store, persistence
+from chat.memory.records import record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
 from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generation_stream_key
@@ -42,6 +43,9 @@ class TurnJob:
     generation_id: str
     conversation_id: str
     user_message_id: str
+    # The user's message travels with the job: it may not be in PostgreSQL yet (batched persistence).
+    user_content: str = ""
+    user_message_ts: int = 0  # microseconds since the epoch (chat.memory.records)
     # Per-request generation parameters (the OpenAI API's temperature, max_tokens, …), validated.
     overrides: dict = field(default_factory=dict)
     is_streamed: bool = True  # the client watches tokens arrive (SSE, WebSocket, stream=true)
@@ -54,6 +58,8 @@ class TurnJob:
             "generation_id": self.generation_id,
             "conversation_id": self.conversation_id,
             "user_message_id": self.user_message_id,
+            "user_content": self.user_content,
+            "user_message_ts": self.user_message_ts,
             "overrides": self.overrides,
             "is_streamed": self.is_streamed,
             "gateway": self.gateway,
@@ -91,19 +97,27 @@ class TurnOutcome:
 
 
 def load_inputs(job: TurnJob) -> TurnInputs:
-    """The bot's settings, the recent window of the conversation, and the new user message."""
+    """The bot's settings, the conversation's recent messages (from the hot store; PostgreSQL on a
+    miss), and the new user message (from the job)."""
     conversation = Conversation.objects.select_related("bot").get(pk=job.conversation_id)
     bot: Bot = conversation.bot
-    user_message = Message.objects.get(pk=job.user_message_id, conversation=conversation)
-    window = max(1, bot.history_window) * 2  # turns → messages
     knowledge = sorted(bot.knowledge_bases.values_list("pk", "version"))
-    earlier = (
-        Message.objects.filter(conversation=conversation, created_at__lte=user_message.created_at)
-        .exclude(pk=user_message.pk)
-        .exclude(content="")
-        .order_by("-created_at", "-id")
-        .values("role", "content")[:window]
+    window = max(1, bot.history_window) * 2  # turns → messages
+    recent = hot_store.hot_recent(
+        schema_name=job.schema_name,
+        conversation_id=job.conversation_id,
+        limit=min(hot_store.capacity(), window + 1),
+        load_newest=lambda count: selectors.message_records_newest(conversation_id=job.conversation_id, limit=count),
     )
+    user_content, user_ts = job.user_content, job.user_message_ts
+    if not user_ts:  # a job queued before the user message travelled with it
+        user_message = Message.objects.get(pk=job.user_message_id, conversation=conversation)
+        user_content, user_ts = user_message.content, timestamp_of(user_message.created_at)
+    earlier = [
+        record
+        for record in recent.records
+        if record["id"] != job.user_message_id and record["ts"] <= user_ts and record["content"]
+    ][-window:]
     return TurnInputs(
         bot_id=bot.pk,
         bot_version=bot.version,
@@ -111,8 +125,8 @@ def load_inputs(job: TurnJob) -> TurnInputs:
         provider_route=bot.provider_route,
         generation=bot.generation,
         knowledge_base_ids=[pk for pk, _ in knowledge],
-        history=[{"role": row["role"], "content": row["content"]} for row in reversed(earlier)],
-        user_content=user_message.content,
+        history=[{"role": record["role"], "content": record["content"]} for record in earlier],
+        user_content=user_content,
         cache=bot.cache or {},
         knowledge_signature=",".join(f"{pk}:{version}" for pk, version in knowledge),
     )
@@ -225,9 +239,9 @@ def build_request(job: TurnJob, inputs: TurnInputs, sources: list[Source]) -> Ch
     )
 
 
-def save_answer(job: TurnJob, outcome: TurnOutcome) -> str:
+def answer_message(job: TurnJob, outcome: TurnOutcome) -> Message:
     usage = outcome.usage
-    message = Message.objects.create(
+    return Message(
         conversation_id=job.conversation_id,
         role=Message.Role.ASSISTANT,
         content=outcome.text,
@@ -243,7 +257,17 @@ def save_answer(job: TurnJob, outcome: TurnOutcome) -> str:
         is_cached=bool(outcome.cache_layer),
         cache_layer=outcome.cache_layer,
     )
-    Conversation.objects.filter(pk=job.conversation_id).update(last_message_at=timezone.now())
+
+
+async def save_answer(job: TurnJob, outcome: TurnOutcome, redis: aioredis.Redis) -> str:
+    """Queue the answer for the batch writer and the hot store (PostgreSQL at once if Redis is down)."""
+    message = answer_message(job, outcome)
+    await persistence.messages_persist_async(
+        schema_name=job.schema_name,
+        conversation_id=job.conversation_id,
+        records=[record_of(message)],
+        redis_client=redis,
+    )
     return str(message.pk)
 
 
@@ -286,7 +310,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
         if lookup and outcome.error is None and outcome.finish_reason == "stop" and outcome.usage is not None:
             await _cache_store(lookup, inputs, outcome, redis)
     outcome.total_ms = (time.perf_counter() - started) * 1000
-    outcome.message_id = await in_tenant(job.schema_name, save_answer, job, outcome)
+    outcome.message_id = await save_answer(job, outcome, redis)
     _record_metrics(job, outcome)
     if job.gateway is not None:
         await _settle(job, outcome)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from django.db import connection, transaction
 from django.db.models import F
+from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from chat.cache import cache_settings_validate
 from chat.gateway import validate_rate_limits
-from chat.models import Bot, Conversation, default_generation, default_provider_route
+from chat.models import Bot, Conversation, Message, default_generation, default_provider_route
 from chat.providers.registry import validate_route_config
 from knowledge.models import KnowledgeBase
 from tenants.errors import ValidationFailed
@@ -186,4 +189,44 @@ def conversation_create(*, bot: Bot, end_user_kind: str, end_user_id: str, title
 
 
 def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete a conversation with its messages, its hot-store entries and any still queued."""
+    from chat.memory.hot_store import hot_forget
+
+    conversation_id = str(conversation.pk)
     conversation.delete()
+    # Messages still in the write stream are dropped by the flusher (their conversation is gone).
+    transaction.on_commit(lambda: hot_forget(schema_name=connection.schema_name, conversation_ids=[conversation_id]))
+
+
+_PURGE_MESSAGES_SQL = "DELETE FROM {message} WHERE conversation_id = ANY(%s::uuid[])"
+_PURGE_CONVERSATIONS_SQL = "DELETE FROM {conversation} WHERE id = ANY(%s::uuid[])"
+
+
+def conversations_purge_expired(*, retention_days: int, now=None, batch_size: int | None = None) -> int:
+    """Delete the active schema's conversations idle for longer than ``retention_days``, in short
+    transactions of ``batch_size`` conversations (no long locks, no ORM cascade loading rows), and
+    drop their hot-store entries. Returns conversations deleted."""
+    from django.conf import settings
+
+    from chat.memory.hot_store import hot_forget
+
+    batch_size = batch_size or settings.PARLEY_RETENTION_PURGE_BATCH
+    cutoff = (now or timezone.now()) - timedelta(days=retention_days)
+    schema_name = connection.schema_name
+    message_table, conversation_table = Message._meta.db_table, Conversation._meta.db_table
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            ids = list(
+                Conversation.objects.annotate(active_at=Coalesce("last_message_at", "created_at"))
+                .filter(active_at__lt=cutoff)
+                .order_by()
+                .values_list("pk", flat=True)[:batch_size]
+            )
+            if not ids:
+                return deleted
+            with connection.cursor() as cursor:
+                cursor.execute(_PURGE_MESSAGES_SQL.format(message=message_table), [ids])
+                cursor.execute(_PURGE_CONVERSATIONS_SQL.format(conversation=conversation_table), [ids])
+        hot_forget(schema_name=schema_name, conversation_ids=[str(pk) for pk in ids])
+        deleted += len(ids)

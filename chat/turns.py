@@ -12,11 +12,13 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
 
 from chat.engine import TurnJob
 from chat.gateway import Admission, Caller, admit
+from chat.memory import persistence
+from chat.memory.records import record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
 from chat.streams import (
@@ -78,20 +80,19 @@ def turn_start(
     content = validate_content(content)
     admission = _admit(caller, bot=conversation.bot, prompt_chars=len(content) * 2, overrides={})
     generation_id = str(uuid.uuid4())
-    with transaction.atomic():
-        message = Message.objects.create(
-            conversation=conversation, role=Message.Role.USER, content=content, generation_id=generation_id
-        )
-        Conversation.objects.filter(pk=conversation.pk).update(last_message_at=timezone.now())
-        if not conversation.title:
-            Conversation.objects.filter(pk=conversation.pk, title="").update(title=content.strip()[:80])
+    # Not written here: the message goes to the write stream and the hot store with the job, in
+    # one Redis transaction (chat.memory.persistence); the flusher stores it within a second.
+    message = Message(conversation=conversation, role=Message.Role.USER, content=content, generation_id=generation_id)
+    if not conversation.title:
+        Conversation.objects.filter(pk=conversation.pk, title="").update(title=content.strip()[:80])
     return _enqueue(
         conversation=conversation,
-        message=message,
+        messages=[message],
         generation_id=generation_id,
         overrides={},
         is_streamed=is_streamed,
         admission=admission,
+        is_new_conversation=conversation.last_message_at is None,
     )
 
 
@@ -112,50 +113,56 @@ def turn_start_from_messages(
     )
     generation_id = str(uuid.uuid4())
     now = timezone.now()
-    with transaction.atomic():
-        conversation = Conversation.objects.create(
-            bot=bot,
-            end_user_kind=end_user.kind,
-            end_user_id=end_user.id[:200],
-            title=messages[-1]["content"].strip()[:80],
-            last_message_at=now,
+    # The conversation row now (messages refer to it); its messages through the write stream.
+    conversation = Conversation.objects.create(
+        bot=bot,
+        end_user_kind=end_user.kind,
+        end_user_id=end_user.id[:200],
+        title=messages[-1]["content"].strip()[:80],
+        last_message_at=now,
+    )
+    rows = [
+        Message(
+            conversation=conversation,
+            role="system" if item["role"] == "developer" else item["role"],
+            content=item["content"],
+            created_at=now + timedelta(microseconds=index),
         )
-        rows = [
-            Message(
-                conversation=conversation,
-                role="system" if item["role"] == "developer" else item["role"],
-                content=item["content"],
-                created_at=now + timedelta(microseconds=index),
-            )
-            for index, item in enumerate(messages)
-        ]
-        rows[-1].generation_id = generation_id
-        Message.objects.bulk_create(rows)
+        for index, item in enumerate(messages)
+    ]
+    rows[-1].generation_id = generation_id
     return _enqueue(
         conversation=conversation,
-        message=rows[-1],
+        messages=rows,
         generation_id=generation_id,
         overrides=overrides,
         is_streamed=is_streamed,
         admission=admission,
+        is_new_conversation=True,
     )
 
 
 def _enqueue(
     *,
     conversation: Conversation,
-    message: Message,
+    messages: list[Message],
     generation_id: str,
     overrides: dict,
     is_streamed: bool,
     admission: Admission | None = None,
+    is_new_conversation: bool = False,
 ) -> StartedTurn:
+    """One Redis transaction: the messages into the write stream and the hot store, the
+    generation's owner and first event, and the job for the generation workers."""
     schema_name = connection.schema_name
+    message = messages[-1]
     job = TurnJob(
         schema_name=schema_name,
         generation_id=generation_id,
         conversation_id=str(conversation.pk),
         user_message_id=str(message.pk),
+        user_content=message.content,
+        user_message_ts=timestamp_of(message.created_at),
         overrides=overrides,
         is_streamed=is_streamed,
         gateway=admission.ticket if admission else None,
@@ -167,7 +174,14 @@ def _enqueue(
         "end_user_id": conversation.end_user_id,
     }
     created = {"generation_id": generation_id, "conversation_id": str(conversation.pk), "message_id": str(message.pk)}
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = get_redis().pipeline(transaction=True)
+    persistence.queue_on(
+        pipe,
+        schema_name=schema_name,
+        conversation_id=str(conversation.pk),
+        records=[record_of(item) for item in messages],
+        is_new_conversation=is_new_conversation,
+    )
     pipe.set(generation_owner_key(schema_name, generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
     pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
     pipe.expire(stream_key, STREAM_TTL_SECONDS)

@@ -211,6 +211,13 @@ CELERY_BEAT_SCHEDULE: dict = {
     "billing-usage-flush": {"task": "billing.tasks.usage_flush_task", "schedule": 2.0, "options": {"expires": 10}},
     "billing-budget-reservations-expire": {"task": "billing.tasks.budget_reservations_expire_task", "schedule": 60.0},
     "billing-invoices-issue": {"task": "billing.tasks.invoices_issue_task", "schedule": 3600.0},
+    # Message stream → PostgreSQL; a run that waited 10 s in the queue is dropped (the next does its work).
+    "chat-messages-flush": {
+        "task": "chat.tasks.messages_flush_task",
+        "schedule": env.float("PARLEY_MESSAGE_FLUSH_SECONDS", default=1.0),
+        "options": {"expires": 10},
+    },
+    "chat-conversations-purge": {"task": "chat.tasks.conversations_purge_task", "schedule": 3600.0},
 }
 
 # --- gateway ------------------------------------------------------------------------------------
@@ -223,6 +230,20 @@ PARLEY_DEFAULT_MAX_TOKENS_ESTIMATE = env.int("PARLEY_DEFAULT_MAX_TOKENS_ESTIMATE
 # API-key authentication failures per key prefix and client address (brute force), then refused.
 PARLEY_AUTH_FAILURE_LIMIT = env.int("PARLEY_AUTH_FAILURE_LIMIT", default=20)
 PARLEY_AUTH_FAILURE_WINDOW_SECONDS = env.int("PARLEY_AUTH_FAILURE_WINDOW_SECONDS", default=300)
+
+# --- conversation memory ------------------------------------------------------------------------
+
+# Recent messages kept per conversation in the Redis hot store (50 turns).
+PARLEY_HOT_STORE_MESSAGES = env.int("PARLEY_HOT_STORE_MESSAGES", default=100)
+# Default retention of idle conversations (a tenant's own setting overrides it).
+PARLEY_CONVERSATION_RETENTION_DAYS = env.int("PARLEY_CONVERSATION_RETENTION_DAYS", default=90)
+# Batched persistence: the flusher's period, its batch size, and how long a dead flusher's batch
+# stays pending before another flusher claims it.
+PARLEY_MESSAGE_FLUSH_SECONDS = env.float("PARLEY_MESSAGE_FLUSH_SECONDS", default=1.0)
+PARLEY_MESSAGE_FLUSH_BATCH = env.int("PARLEY_MESSAGE_FLUSH_BATCH", default=1_000)
+PARLEY_MESSAGE_CLAIM_IDLE_SECONDS = env.float("PARLEY_MESSAGE_CLAIM_IDLE_SECONDS", default=30.0)
+# Conversations deleted per statement by the retention purge (short transactions, no long locks).
+PARLEY_RETENTION_PURGE_BATCH = env.int("PARLEY_RETENTION_PURGE_BATCH", default=500)
 
 # --- billing ------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from asgiref.sync import async_to_sync
 from django.test import Client
 from django_tenants.utils import tenant_context
 
+from chat.memory.persistence import messages_flush
 from chat.models import Message
 from chat.providers.local import LocalProvider
 from tests.chat.turn_fixtures import FailingProvider
@@ -58,6 +59,8 @@ def test_turn_answers_from_knowledge_and_stores_metrics(worker, live):
     assert answer["total_ms"] >= answer["ttft_ms"]
     assert answer["citations"]
     assert answer["citations"][0]["title"] == "Returns policy"
+    # Batched persistence: the flusher (a Celery beat task in production) writes the turn's rows.
+    assert messages_flush() == 2
     with tenant_context(live["tenant"]):
         stored = list(Message.objects.filter(conversation=live["conversation"]).values_list("role", "content"))
     assert stored == [("user", "How many days do I have to return an item?"), ("assistant", answer["content"])]
@@ -78,6 +81,7 @@ def test_sse_stream_has_typed_ordered_events(worker, live):
     text = "".join(data["text"] for _id, event_type, data in events if event_type == "token")
     done = events[-1][2]
     with tenant_context(live["tenant"]):
+        messages_flush()
         assert Message.objects.get(pk=done["message_id"]).content == text
     assert done["usage"]["completion_tokens"] > 0
 
@@ -109,6 +113,7 @@ def test_cancel_stops_generation_and_keeps_partial_answer(worker, live, provider
     assert events[-1][1] == "done"
     assert events[-1][2]["finish_reason"] == "cancelled"
     with tenant_context(live["tenant"]):
+        messages_flush()
         saved = Message.objects.get(pk=events[-1][2]["message_id"])
     assert saved.finish_reason == "cancelled"
     assert len(saved.content) < 200
@@ -139,6 +144,7 @@ def test_provider_failure_is_a_clear_error(worker, live, provider_choice):
 def test_bad_message_refused_and_nothing_stored_case(live, django_db_blocker, content, status, code):
     with django_db_blocker.unblock():
         response = _post(Client(), live, content)
+        messages_flush()  # anything queued would be written now
         with tenant_context(live["tenant"]):
             count = Message.objects.filter(conversation=live["conversation"]).count()
 

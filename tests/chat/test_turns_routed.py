@@ -11,6 +11,7 @@ from django.test import Client
 from django_tenants.utils import tenant_context
 
 from chat.mock_server import ANSWER_TEXT
+from chat.memory.persistence import messages_flush
 from chat.models import Bot, Message
 from tests.factories import bearer
 
@@ -61,6 +62,7 @@ def _stream(live) -> list[tuple[str, dict]]:
 
 def _saved(live, message_id: str) -> Message:
     with tenant_context(live["tenant"]):
+        messages_flush()  # batched persistence: what the flusher would write within a second
         return Message.objects.get(pk=message_id)
 
 
