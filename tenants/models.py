@@ -24,6 +24,9 @@ class Tenant(TenantMixin):
     suspended_reason = models.CharField(max_length=500, blank=True, default="")
     plan = models.ForeignKey("billing.Plan", null=True, blank=True, on_delete=models.PROTECT, related_name="tenants")
     created_at = models.DateTimeField(default=timezone.now)
+    # Conversations idle longer than this are purged (chat.tasks.conversations_purge_task), with their
+    # messages and hot-store entries.
+    conversation_retention_days = models.PositiveIntegerField(default=90)
 
     # Schemas are provisioned by tenants.services.tenant_create (cloned from a template), not
     # by save(); deleting a tenant drops its schema.
