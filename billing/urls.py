@@ -4,7 +4,7 @@ billing provider's webhook, public urlconf only."""
 
 from django.urls import path
 
-from billing import apis
+from billing import apis, views
 
 api_urlpatterns = [
     path("api/v1/usage/", apis.UsageApi.as_view(), name="usage"),
@@ -14,4 +14,9 @@ api_urlpatterns = [
 
 public_urlpatterns = [
     path("api/v1/billing/webhook/", apis.BillingWebhookApi.as_view(), name="billing-webhook"),
+]
+
+# The admin site's page (tenant hosts only).
+site_urlpatterns = [
+    path("usage/", views.usage, name="site-usage"),
 ]

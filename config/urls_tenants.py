@@ -3,9 +3,23 @@
 from django.urls import include, path
 
 from billing.urls import api_urlpatterns as billing_api_urlpatterns
+from billing.urls import site_urlpatterns as billing_site_urlpatterns
+from chat import views as chat_views
 from chat.urls import urlpatterns as chat_urlpatterns
+from knowledge.urls import site_urlpatterns as knowledge_site_urlpatterns
 from knowledge.urls import urlpatterns as knowledge_urlpatterns
 from tenants.urls import api_urlpatterns, site_urlpatterns
+
+# The chat app's admin-site pages (chat/urls.py holds its API routes, shared with the public urlconf).
+chat_site_urlpatterns = [
+    path("bots/", chat_views.bot_list, name="site-bots"),
+    path("bots/new/", chat_views.bot_create, name="site-bot-create"),
+    path("bots/<str:public_id>/", chat_views.bot_detail, name="site-bot"),
+    path("bots/<str:public_id>/edit/", chat_views.bot_edit, name="site-bot-edit"),
+    path("bots/<str:public_id>/delete/", chat_views.bot_delete, name="site-bot-delete"),
+    path("conversations/", chat_views.conversation_list, name="site-conversations"),
+    path("conversations/<str:conversation_id>/", chat_views.conversation_detail, name="site-conversation"),
+]
 
 urlpatterns = [
     path("", include("config.urls_common")),
@@ -15,6 +29,9 @@ urlpatterns = [
     *billing_api_urlpatterns,
     path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
     *site_urlpatterns,
+    *chat_site_urlpatterns,
+    *knowledge_site_urlpatterns,
+    *billing_site_urlpatterns,
 ]
 
 handler404 = "tenants.views.not_found"

@@ -10,12 +10,14 @@ import secrets
 import shutil
 import string
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.mail import send_mail
 from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -23,7 +25,7 @@ from django_tenants.utils import schema_exists
 
 from billing.models import Plan
 from tenants.errors import Conflict, ValidationFailed
-from tenants.models import ApiKey, Domain, Membership, PublicBot, SchemaTemplate, Tenant, User
+from tenants.models import ApiKey, Domain, Invitation, Membership, PublicBot, SchemaTemplate, Tenant, User
 from tenants.redis import tenant_keys_purge
 from tenants.resolution import api_key_cache_invalidate, public_bot_cache_invalidate, tenant_cache_invalidate
 
@@ -342,3 +344,116 @@ def api_key_touch(*, api_key_id: int, used_at: datetime) -> None:
     ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at), pk=api_key_id).update(
         last_used_at=used_at
     )
+
+
+# --- invitations and membership changes ---------------------------------------------------------
+
+INVITATION_LIFETIME_DAYS = 7
+
+
+def invitation_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CreatedInvitation:
+    invitation: Invitation
+    token: str  # goes into the emailed link only, never stored
+
+
+def invitation_create(
+    *, tenant: Tenant, email: str, role: str, invited_by: User | None, accept_url: Callable[[str], str]
+) -> CreatedInvitation:
+    """Invite ``email`` to ``tenant`` with ``role`` and email the link once the row is committed.
+
+    ``accept_url(token)`` builds the absolute link (the caller knows the host it was asked on).
+    A new invitation to the same address replaces the pending one.
+    """
+    email = email.strip().lower()
+    if role not in Membership.Role.values:
+        raise ValidationFailed(f"Role must be one of {', '.join(Membership.Role.values)}.", param="role")
+    if Membership.objects.filter(tenant=tenant, user__email=email).exists():
+        raise Conflict(f"{email} is already a member of this workspace.", param="email")
+    token = secrets.token_urlsafe(32)
+    now = timezone.now()
+    with transaction.atomic():
+        Invitation.objects.filter(tenant=tenant, email=email, accepted_at__isnull=True, revoked_at__isnull=True).update(
+            revoked_at=now
+        )
+        invitation = Invitation.objects.create(
+            tenant=tenant,
+            email=email,
+            role=role,
+            token_hash=invitation_token_hash(token),
+            invited_by=invited_by,
+            expires_at=now + timedelta(days=INVITATION_LIFETIME_DAYS),
+        )
+        link = accept_url(token)
+        inviter = invited_by.email if invited_by is not None else "An administrator"
+        transaction.on_commit(
+            lambda: send_mail(
+                subject=f"You are invited to {tenant.name} on Parley",
+                message=(
+                    f"{inviter} invited you to join {tenant.name} on Parley as {invitation.get_role_display()}.\n\n"
+                    f"Accept the invitation: {link}\n\n"
+                    f"The link works once and expires in {INVITATION_LIFETIME_DAYS} days."
+                ),
+                from_email=None,
+                recipient_list=[email],
+            )
+        )
+    return CreatedInvitation(invitation=invitation, token=token)
+
+
+def invitation_revoke(*, invitation: Invitation) -> None:
+    Invitation.objects.filter(pk=invitation.pk, accepted_at__isnull=True, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
+
+
+def invitation_accept(*, invitation: Invitation, user: User) -> Membership:
+    """Make ``user`` a member with the invited role; the invitation is used up (once, even when
+    two requests race: the conditional update is the lock)."""
+    if user.email.lower() != invitation.email.lower():
+        raise ValidationFailed("This invitation was sent to another email address.", param="email")
+    with transaction.atomic():
+        claimed = Invitation.objects.filter(
+            pk=invitation.pk, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        ).update(accepted_at=timezone.now())
+        if not claimed:
+            raise ValidationFailed("This invitation has expired or was already used.", param="token")
+        existing = Membership.objects.filter(user=user, tenant_id=invitation.tenant_id).first()
+        if existing is not None:
+            return existing  # never demote someone who joined meanwhile
+        return Membership.objects.create(user=user, tenant_id=invitation.tenant_id, role=invitation.role)
+
+
+def _lock_owners(tenant: Tenant) -> list[int]:
+    return list(
+        Membership.objects.select_for_update()
+        .filter(tenant=tenant, role=Membership.Role.OWNER)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+
+
+def membership_role_change(*, membership: Membership, role: str) -> Membership:
+    """Change a member's role; the last owner of a tenant cannot stop being one."""
+    if role not in Membership.Role.values:
+        raise ValidationFailed(f"Role must be one of {', '.join(Membership.Role.values)}.", param="role")
+    with transaction.atomic():
+        owners = _lock_owners(membership.tenant)
+        if membership.role == Membership.Role.OWNER and role != Membership.Role.OWNER and owners == [membership.pk]:
+            raise Conflict("A workspace needs at least one owner: make someone else owner first.", param="role")
+        Membership.objects.filter(pk=membership.pk).update(role=role)
+    membership.role = role
+    return membership
+
+
+def membership_remove(*, membership: Membership) -> None:
+    """Remove a member (their API keys stay); the last owner cannot be removed."""
+    with transaction.atomic():
+        owners = _lock_owners(membership.tenant)
+        if membership.role == Membership.Role.OWNER and owners == [membership.pk]:
+            raise Conflict("A workspace needs at least one owner: make someone else owner first.", param="role")
+        Membership.objects.filter(pk=membership.pk).delete()

@@ -20,4 +20,11 @@ site_urlpatterns = [
     path("accounts/password-reset/done/", views.PasswordResetDoneView.as_view(), name="password_reset_done"),
     path("accounts/reset/<uidb64>/<token>/", views.PasswordResetConfirmView.as_view(), name="password_reset_confirm"),
     path("accounts/reset/done/", views.PasswordResetCompleteView.as_view(), name="password_reset_complete"),
+    path("invitations/<str:token>/", views.invitation_accept, name="site-invitation-accept"),
+    path("settings/api-keys/", views.api_keys, name="site-api-keys"),
+    path("settings/api-keys/<int:api_key_id>/revoke/", views.api_key_revoke, name="site-api-key-revoke"),
+    path("settings/members/", views.members, name="site-members"),
+    path("settings/members/<int:membership_id>/role/", views.member_role, name="site-member-role"),
+    path("settings/members/<int:membership_id>/remove/", views.member_remove, name="site-member-remove"),
+    path("settings/invitations/<int:invitation_id>/revoke/", views.invitation_revoke, name="site-invitation-revoke"),
 ]
