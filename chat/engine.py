@@ -14,14 +14,15 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from asgiref.sync import sync_to_async
 
 from chat import cache, gateway, metrics, selectors
-from chat.memory import hot_store, persistence
+from chat.memory import history, hot_store, persistence
 from chat.memory.records import record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
@@ -78,6 +79,7 @@ class TurnInputs:
     user_content: str
     cache: dict = field(default_factory=dict)  # the bot's response-cache settings
     knowledge_signature: str = ""  # "kb_id:version,…": a knowledge change invalidates cached answers
+    needs_summary: bool = False  # the summary strategy asks for older turns to be folded in
 
 
 @dataclass(slots=True)
@@ -96,28 +98,56 @@ class TurnOutcome:
 # --- steps ------------------------------------------------------------------------------------
 
 
+# Room kept in the context window for the retrieved passages (five chunks of ~200 tokens and their
+# markup), which are fetched after the history is chosen.
+SOURCES_TOKENS_RESERVED = 1_400
+FULL_HISTORY_MAX_MESSAGES = 2_000  # full replay reads at most this many from PostgreSQL
+
+
+def _earlier_records(job: TurnJob, conversation: Conversation, bot: Bot) -> list[dict[str, Any]]:
+    """The conversation's messages before this turn, oldest first: the hot store's (PostgreSQL on
+    a miss); for full replay of a conversation longer than the store, PostgreSQL's as well."""
+    load_newest = lambda count: selectors.message_records_newest(  # noqa: E731
+        conversation_id=job.conversation_id, limit=count
+    )
+    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
+        limit = min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1)
+    else:
+        limit = hot_store.capacity()
+    records = hot_store.hot_recent(
+        schema_name=job.schema_name, conversation_id=job.conversation_id, limit=limit, load_newest=load_newest
+    ).records
+    if bot.history_strategy == Bot.HistoryStrategy.FULL and len(records) >= hot_store.capacity():
+        known = {record["id"] for record in records}
+        older = [record for record in load_newest(FULL_HISTORY_MAX_MESSAGES) if record["id"] not in known]
+        records = sorted(older + records, key=lambda record: (record["ts"], record["id"]))
+    return [record for record in records if record["id"] != job.user_message_id and record["ts"] <= job.user_message_ts]
+
+
 def load_inputs(job: TurnJob) -> TurnInputs:
-    """The bot's settings, the conversation's recent messages (from the hot store; PostgreSQL on a
-    miss), and the new user message (from the job)."""
+    """The bot's settings, the conversation's earlier messages chosen by the bot's history strategy
+    and fitted to the context window, and the new user message (from the job)."""
     conversation = Conversation.objects.select_related("bot").get(pk=job.conversation_id)
     bot: Bot = conversation.bot
     knowledge = sorted(bot.knowledge_bases.values_list("pk", "version"))
-    window = max(1, bot.history_window) * 2  # turns → messages
-    recent = hot_store.hot_recent(
-        schema_name=job.schema_name,
-        conversation_id=job.conversation_id,
-        limit=min(hot_store.capacity(), window + 1),
-        load_newest=lambda count: selectors.message_records_newest(conversation_id=job.conversation_id, limit=count),
-    )
-    user_content, user_ts = job.user_content, job.user_message_ts
-    if not user_ts:  # a job queued before the user message travelled with it
+    if not job.user_message_ts:  # a job queued before the user message travelled with it
         user_message = Message.objects.get(pk=job.user_message_id, conversation=conversation)
-        user_content, user_ts = user_message.content, timestamp_of(user_message.created_at)
-    earlier = [
-        record
-        for record in recent.records
-        if record["id"] != job.user_message_id and record["ts"] <= user_ts and record["content"]
-    ][-window:]
+        job = replace(job, user_content=user_message.content, user_message_ts=timestamp_of(user_message.created_at))
+    generation = {**bot.generation, **job.overrides}
+    budget = history.history_budget(
+        context_tokens=generation.get("context_tokens", history.DEFAULT_CONTEXT_TOKENS),
+        max_tokens=generation.get("max_tokens"),
+        prompt_text=bot.system_prompt,
+        user_text=job.user_content,
+    )
+    chosen = history.build_history(
+        strategy=bot.history_strategy,
+        records=_earlier_records(job, conversation, bot),
+        window_turns=bot.history_window,
+        budget=max(0, budget - (SOURCES_TOKENS_RESERVED if knowledge else 0)),
+        summary=conversation.summary,
+        summary_until_ts=conversation.summary_until_ts,
+    )
     return TurnInputs(
         bot_id=bot.pk,
         bot_version=bot.version,
@@ -125,10 +155,11 @@ def load_inputs(job: TurnJob) -> TurnInputs:
         provider_route=bot.provider_route,
         generation=bot.generation,
         knowledge_base_ids=[pk for pk, _ in knowledge],
-        history=[{"role": record["role"], "content": record["content"]} for record in earlier],
-        user_content=user_content,
+        history=chosen.messages,
+        user_content=job.user_content,
         cache=bot.cache or {},
         knowledge_signature=",".join(f"{pk}:{version}" for pk, version in knowledge),
+        needs_summary=chosen.needs_summary,
     )
 
 
@@ -311,6 +342,8 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
             await _cache_store(lookup, inputs, outcome, redis)
     outcome.total_ms = (time.perf_counter() - started) * 1000
     outcome.message_id = await save_answer(job, outcome, redis)
+    if inputs.needs_summary and outcome.error is None:
+        await _summary_request(job)
     _record_metrics(job, outcome)
     if job.gateway is not None:
         await _settle(job, outcome)
@@ -439,6 +472,19 @@ async def _serve_cached(hit: cache.CachedAnswer, publisher: CoalescingPublisher,
         target=f"cache:{hit.layer}",
     )
     outcome.finish_reason = "stop"
+
+
+async def _summary_request(job: TurnJob) -> None:
+    """Ask a Celery worker to fold older turns into the conversation's summary (publishing to the
+    broker blocks: done in a thread)."""
+    from chat.tasks import conversation_summarise_task
+
+    try:
+        await sync_to_async(conversation_summarise_task.apply_async, thread_sensitive=False)(
+            args=[job.schema_name, job.conversation_id], expires=300
+        )
+    except Exception:  # a summary is an optimisation: the turn stands without it
+        logger.exception("summary_request_failed", conversation_id=job.conversation_id)
 
 
 async def _settle(job: TurnJob, outcome: TurnOutcome) -> None:

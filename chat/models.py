@@ -10,6 +10,7 @@ import uuid
 
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 DEFAULT_PROVIDER_ROUTE = {"targets": [{"kind": "local"}]}
@@ -78,10 +79,18 @@ class Conversation(models.Model):
     title = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
     last_message_at = models.DateTimeField(null=True, blank=True)
+    # The summary history strategy: older turns compressed by chat.memory.summaries, covering the
+    # messages up to ``summary_until_ts`` (microseconds since the epoch, chat.memory.records).
+    summary = models.TextField(blank=True, default="")
+    summary_until_ts = models.BigIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["bot", "end_user_kind", "end_user_id", "-created_at"], name="conv_bot_user")]
+        indexes = [
+            models.Index(fields=["bot", "end_user_kind", "end_user_id", "-created_at"], name="conv_bot_user"),
+            # The retention purge's scan: conversations by last activity.
+            models.Index(Coalesce("last_message_at", "created_at"), name="conv_active_at"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.bot_id}:{self.end_user_kind}:{self.end_user_id}"

@@ -30,6 +30,8 @@ GENERATION_LIMITS: dict[str, tuple[type, float, float]] = {
     "temperature": (float, 0.0, 2.0),
     "top_p": (float, 0.0, 1.0),
     "max_tokens": (int, 1, 32_768),
+    # The model's context window: history is fitted into what the prompt and the answer leave.
+    "context_tokens": (int, 512, 2_000_000),
     "presence_penalty": (float, -2.0, 2.0),
     "frequency_penalty": (float, -2.0, 2.0),
     "seed": (int, 0, 2**31 - 1),

@@ -2,6 +2,8 @@
 
 * ``messages_flush_task``, about every second: finished messages from the Redis Stream into
   PostgreSQL (chat.memory.persistence). Several workers may run it at once (consumer group).
+* ``conversation_summarise_task``, on demand: folds a conversation's older turns into its summary
+  (the ``summary`` history strategy).
 * ``conversations_purge_task``, hourly: each tenant's conversations past its retention, with their
   messages and hot-store entries, in short batches.
 """
@@ -25,6 +27,14 @@ FLUSH_MAX_BATCHES = 10  # 10 x 1,000 rows bounds a run to about a second: runs n
 def messages_flush_task() -> int:
     connection.set_schema_to_public()
     return messages_flush(max_batches=FLUSH_MAX_BATCHES)
+
+
+@shared_task(ignore_result=True, acks_late=True)
+def conversation_summarise_task(schema_name: str, conversation_id: str) -> bool:
+    from chat.memory.summaries import conversation_summarise
+
+    with schema_context(schema_name):
+        return conversation_summarise(conversation_id=conversation_id)
 
 
 @shared_task(ignore_result=True)

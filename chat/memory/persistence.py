@@ -135,7 +135,7 @@ def messages_write(*, schema_name: str, records: Sequence[dict[str, Any]]) -> in
             logger.info("messages_of_deleted_conversations_dropped", count=len(unique) - len(rows))
         if not rows:
             return 0
-        inserted = Message.objects.bulk_create(rows, batch_size=MAX_BATCH_SIZE, ignore_conflicts=True)
+        inserted = _insert(rows)
         latest: dict[str, Any] = {}
         for row in rows:
             key = str(row.conversation_id)
@@ -145,7 +145,31 @@ def messages_write(*, schema_name: str, records: Sequence[dict[str, Any]]) -> in
         params = [item for pair in latest.items() for item in pair]
         with connection.cursor() as cursor:
             cursor.execute(_TOUCH_SQL.format(conversation=Conversation._meta.db_table, values=values), params)
-    return len(inserted)
+    return inserted
+
+
+_INSERT_SQL = "INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING 1"
+
+
+def _insert(rows: list[Message]) -> int:
+    """``INSERT … ON CONFLICT (id) DO NOTHING`` in statements of ``MAX_BATCH_SIZE`` rows; returns
+    the rows actually inserted (Django's bulk_create cannot tell them from the skipped ones)."""
+    fields = [Message._meta.get_field(name) for name in _COLUMNS]
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    inserted = 0
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), MAX_BATCH_SIZE):
+            batch = rows[start : start + MAX_BATCH_SIZE]
+            params = [
+                field.get_db_prep_save(getattr(row, field.attname), connection) for row in batch for field in fields
+            ]
+            sql = _INSERT_SQL.format(
+                table=Message._meta.db_table, columns=columns, values=", ".join([placeholders] * len(batch))
+            )
+            cursor.execute(sql, params)
+            inserted += len(cursor.fetchall())
+    return inserted
 
 
 # --- flushing (Celery beat) --------------------------------------------------------------------
