@@ -12,6 +12,7 @@ from django_tenants.utils import tenant_context
 from chat.models import Conversation, Message
 from chat.selectors import dashboard_stats
 from chat.services import bot_create, conversation_create
+from tenants.services import membership_set
 from tests.factories import make_member
 from tests.site import BASE_QUERIES, captured_queries, site_client
 
@@ -99,8 +100,7 @@ def test_dashboard_ignores_an_unknown_period(tenant_pair):
 
 def test_layout_has_landmarks_skip_link_and_tenant_switcher(tenant_pair):
     user = make_member(tenant_pair.a, role="admin")
-    make_member_of = __import__("tenants.services", fromlist=["membership_set"]).membership_set
-    make_member_of(user=user, tenant=tenant_pair.b, role="member")
+    membership_set(user=user, tenant=tenant_pair.b, role="member")
 
     html = site_client(tenant_pair.a, user).get("/").content.decode()
 
