@@ -41,6 +41,7 @@ class TenantAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         created = services.tenant_create(name=obj.name, slug=obj.slug, plan_code=obj.plan.code if obj.plan else None)
+        type(obj).objects.filter(pk=created.pk).update(conversation_retention_days=obj.conversation_retention_days)
         obj.pk, obj.schema_name = created.pk, created.schema_name
         obj._state.adding = False
 

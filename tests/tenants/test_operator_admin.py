@@ -24,6 +24,7 @@ def test_operator_creates_tenant_with_schema(operator_client):
             "name": "Stark",
             "slug": "stark",
             "plan": "",
+            "conversation_retention_days": "30",
             "domains-TOTAL_FORMS": "0",
             "domains-INITIAL_FORMS": "0",
             "memberships-TOTAL_FORMS": "0",
@@ -32,7 +33,7 @@ def test_operator_creates_tenant_with_schema(operator_client):
     )
 
     assert response.status_code == 302, response.content[:2000]
-    assert Tenant.objects.filter(slug="stark").exists()
+    assert Tenant.objects.get(slug="stark").conversation_retention_days == 30
     assert schema_exists("t_stark")
 
 
