@@ -14,6 +14,7 @@ turn is never lost because the stream is.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections import defaultdict
@@ -111,15 +112,6 @@ async def messages_persist_async(
 
 # --- writing (batch) ---------------------------------------------------------------------------
 
-_COLUMNS = ("id", "conversation_id", "created_at", *message_records.FIELDS, "feedback", "feedback_comment")
-
-# Conversations' last activity follows their newest message, never moving backwards.
-_TOUCH_SQL = """
-UPDATE {conversation} AS conversation SET last_message_at = GREATEST(conversation.last_message_at, latest.at)
-FROM (VALUES {values}) AS latest (id, at)
-WHERE conversation.id = latest.id::uuid
-"""
-
 
 def messages_write(*, schema_name: str, records: Sequence[dict[str, Any]]) -> int:
     """Insert the messages into the tenant's schema (skipping ids already stored, and messages of
@@ -130,46 +122,72 @@ def messages_write(*, schema_name: str, records: Sequence[dict[str, Any]]) -> in
     with schema_context(schema_name), transaction.atomic():
         conversation_ids = {record["conversation_id"] for record in unique}
         alive = {str(pk) for pk in Conversation.objects.filter(pk__in=conversation_ids).values_list("pk", flat=True)}
-        rows = [message_records.message_of(record) for record in unique if record["conversation_id"] in alive]
+        rows = [record for record in unique if record["conversation_id"] in alive]
         if len(rows) < len(unique):
             logger.info("messages_of_deleted_conversations_dropped", count=len(unique) - len(rows))
         if not rows:
             return 0
-        inserted = _insert(rows)
-        latest: dict[str, Any] = {}
-        for row in rows:
-            key = str(row.conversation_id)
-            if key not in latest or row.created_at > latest[key]:
-                latest[key] = row.created_at
-        values = ", ".join(["(%s, %s::timestamptz)"] * len(latest))
-        params = [item for pair in latest.items() for item in pair]
+        inserted = 0
         with connection.cursor() as cursor:
-            cursor.execute(_TOUCH_SQL.format(conversation=Conversation._meta.db_table, values=values), params)
-    return inserted
-
-
-_INSERT_SQL = "INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING 1"
-
-
-def _insert(rows: list[Message]) -> int:
-    """``INSERT … ON CONFLICT (id) DO NOTHING`` in statements of ``MAX_BATCH_SIZE`` rows; returns
-    the rows actually inserted (Django's bulk_create cannot tell them from the skipped ones)."""
-    fields = [Message._meta.get_field(name) for name in _COLUMNS]
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    inserted = 0
-    with connection.cursor() as cursor:
-        for start in range(0, len(rows), MAX_BATCH_SIZE):
-            batch = rows[start : start + MAX_BATCH_SIZE]
-            params = [
-                field.get_db_prep_save(getattr(row, field.attname), connection) for row in batch for field in fields
-            ]
-            sql = _INSERT_SQL.format(
-                table=Message._meta.db_table, columns=columns, values=", ".join([placeholders] * len(batch))
+            for start in range(0, len(rows), MAX_BATCH_SIZE):
+                cursor.execute(_insert_sql(), _columns_of(rows[start : start + MAX_BATCH_SIZE]))
+                inserted += len(cursor.fetchall())
+            latest: dict[str, int] = {}
+            for record in rows:
+                latest[record["conversation_id"]] = max(latest.get(record["conversation_id"], 0), record["ts"])
+            cursor.execute(
+                _TOUCH_SQL.format(conversation=Conversation._meta.db_table),
+                [list(latest), [message_records.EPOCH + ts * message_records.MICROSECOND for ts in latest.values()]],
             )
-            cursor.execute(sql, params)
-            inserted += len(cursor.fetchall())
     return inserted
+
+
+# One row per array element: the statement's size does not grow with the batch, and nothing is
+# built per row but the column values. Column → (SQL array type, value of a record).
+_COLUMN_ARRAYS: tuple[tuple[str, str, Any], ...] = (
+    ("id", "uuid[]", lambda record: record["id"]),
+    ("conversation_id", "uuid[]", lambda record: record["conversation_id"]),
+    (
+        "created_at",
+        "timestamptz[]",
+        lambda record: message_records.EPOCH + record["ts"] * message_records.MICROSECOND,
+    ),
+    ("role", "text[]", lambda record: record["role"]),
+    ("content", "text[]", lambda record: record["content"]),
+    ("generation_id", "uuid[]", lambda record: record.get("generation_id")),
+    ("tokens_in", "integer[]", lambda record: record.get("tokens_in")),
+    ("tokens_out", "integer[]", lambda record: record.get("tokens_out")),
+    ("ttft_ms", "float8[]", lambda record: record.get("ttft_ms")),
+    ("total_ms", "float8[]", lambda record: record.get("total_ms")),
+    ("provider", "text[]", lambda record: record.get("provider") or ""),
+    ("model", "text[]", lambda record: record.get("model") or ""),
+    ("is_cached", "boolean[]", lambda record: bool(record.get("is_cached"))),
+    ("cache_layer", "text[]", lambda record: record.get("cache_layer") or ""),
+    ("citations", "text[]::jsonb[]", lambda record: json.dumps(record.get("citations") or [])),
+    ("finish_reason", "text[]", lambda record: record.get("finish_reason") or ""),
+    ("feedback", "text[]", lambda record: ""),
+    ("feedback_comment", "text[]", lambda record: ""),
+)
+
+# Conversations' last activity follows their newest message, never moving backwards.
+_TOUCH_SQL = """
+UPDATE {conversation} AS conversation SET last_message_at = GREATEST(conversation.last_message_at, latest.at)
+FROM unnest(%s::uuid[], %s::timestamptz[]) AS latest (id, at)
+WHERE conversation.id = latest.id
+"""
+
+
+def _insert_sql() -> str:
+    columns = ", ".join(name for name, _type, _value in _COLUMN_ARRAYS)
+    arrays = ", ".join(f"%s::{array_type}" for _name, array_type, _value in _COLUMN_ARRAYS)
+    return (
+        f"INSERT INTO {Message._meta.db_table} ({columns}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (id) DO NOTHING RETURNING 1"
+    )
+
+
+def _columns_of(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [[value(record) for record in records] for _name, _type, value in _COLUMN_ARRAYS]
 
 
 # --- flushing (Celery beat) --------------------------------------------------------------------
