@@ -398,6 +398,18 @@ async def cache_lookup(
     return answer
 
 
+def exact_lookup(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis) -> CachedAnswer | None:
+    """The exact layer alone, for synchronous callers (the web edge answers exact hits itself):
+    one GET. Counts a lookup only on a hit; a miss is looked up again, and counted, by the worker."""
+    if not _resolved(cache_settings)["enabled"]:
+        return None
+    payload = redis.get(_prefix(scope.schema_name) + _exact_member(exact))
+    if payload is None:
+        return None
+    LOOKUPS.labels(scope.schema_name, "exact", "hit").inc()
+    return _answer(payload, layer="exact", similarity=None)
+
+
 @dataclass(frozen=True, slots=True)
 class _ScopeVectors:
     generation: bytes

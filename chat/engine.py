@@ -104,7 +104,7 @@ SOURCES_TOKENS_RESERVED = 1_400
 FULL_HISTORY_MAX_MESSAGES = 2_000  # full replay reads at most this many from PostgreSQL
 
 
-def _earlier_records(job: TurnJob, conversation: Conversation, bot: Bot) -> list[dict[str, Any]]:
+def earlier_records(job: TurnJob, conversation: Conversation, bot: Bot) -> list[dict[str, Any]]:
     """The conversation's messages before this turn, oldest first: the hot store's (PostgreSQL on
     a miss); for full replay of a conversation longer than the store, PostgreSQL's as well."""
     load_newest = lambda count: selectors.message_records_newest(  # noqa: E731
@@ -128,11 +128,18 @@ def load_inputs(job: TurnJob) -> TurnInputs:
     """The bot's settings, the conversation's earlier messages chosen by the bot's history strategy
     and fitted to the context window, and the new user message (from the job)."""
     conversation = Conversation.objects.select_related("bot").get(pk=job.conversation_id)
-    bot: Bot = conversation.bot
-    knowledge = sorted(bot.knowledge_bases.values_list("pk", "version"))
     if not job.user_message_ts:  # a job queued before the user message travelled with it
         user_message = Message.objects.get(pk=job.user_message_id, conversation=conversation)
         job = replace(job, user_content=user_message.content, user_message_ts=timestamp_of(user_message.created_at))
+    return inputs_for(job, conversation, earlier_records(job, conversation, conversation.bot))
+
+
+def inputs_for(job: TurnJob, conversation: Conversation, earlier: list[dict[str, Any]]) -> TurnInputs:
+    """A turn's inputs from the conversation (with its bot) and its earlier messages as records:
+    the generation worker reads them from the hot store; the web side, for the response cache at
+    the edge, has them in hand. One query (the bot's knowledge bases)."""
+    bot: Bot = conversation.bot
+    knowledge = sorted(bot.knowledge_bases.values_list("pk", "version"))
     generation = {**bot.generation, **job.overrides}
     budget = history.history_budget(
         context_tokens=generation.get("context_tokens", history.DEFAULT_CONTEXT_TOKENS),
@@ -142,7 +149,7 @@ def load_inputs(job: TurnJob) -> TurnInputs:
     )
     chosen = history.build_history(
         strategy=bot.history_strategy,
-        records=_earlier_records(job, conversation, bot),
+        records=earlier,
         window_turns=bot.history_window,
         budget=max(0, budget - (SOURCES_TOKENS_RESERVED if knowledge else 0)),
         summary=conversation.summary,
@@ -315,7 +322,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     outcome = TurnOutcome()
     inputs = await in_tenant(job.schema_name, load_inputs, job)
     publisher = CoalescingPublisher(redis, stream_key)
-    lookup = _cache_request(job, inputs)
+    lookup = cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
     # The web side holds an SSE response's headers for this event (X-Parley-Cache).
     await publisher.announce(STARTED_EVENT, {"cache": hit.layer if hit is not None else "miss"})
@@ -387,13 +394,13 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
 
 
 @dataclass(frozen=True, slots=True)
-class _CacheRequest:
+class CacheRequest:
     scope: cache.CacheScope
     exact: str
     question: str | None  # for the semantic layer: only when the answer cannot depend on history
 
 
-def _cache_request(job: TurnJob, inputs: TurnInputs) -> _CacheRequest | None:
+def cache_request(job: TurnJob, inputs: TurnInputs) -> CacheRequest | None:
     generation = {**inputs.generation, **job.overrides}
     if not cache.is_cacheable(generation, cache_settings=inputs.cache):
         return None
@@ -413,10 +420,10 @@ def _cache_request(job: TurnJob, inputs: TurnInputs) -> _CacheRequest | None:
     )
     is_faq = bool({**cache.CACHE_SETTINGS_DEFAULTS, **inputs.cache}.get("faq_mode"))
     question = inputs.user_content if (not inputs.history or is_faq) else None
-    return _CacheRequest(scope=scope, exact=exact, question=question)
+    return CacheRequest(scope=scope, exact=exact, question=question)
 
 
-async def _cache_lookup(lookup: _CacheRequest, inputs: TurnInputs, redis) -> cache.CachedAnswer | None:
+async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> cache.CachedAnswer | None:
     try:
         return await cache.cache_lookup(
             lookup.scope, exact=lookup.exact, question=lookup.question, cache_settings=inputs.cache, redis=redis
@@ -426,7 +433,7 @@ async def _cache_lookup(lookup: _CacheRequest, inputs: TurnInputs, redis) -> cac
         return None
 
 
-async def _cache_store(lookup: _CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, redis) -> None:
+async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, redis) -> None:
     usage = outcome.usage
     try:
         await cache.cache_store(

@@ -28,9 +28,10 @@ from billing.budgets import (
     Reservation,
     billing_policy_get,
     budget_reserve,
+    budget_settle,
     budget_settle_async,
 )
-from billing.metering import UsageEvent, usage_record_async
+from billing.metering import UsageEvent, usage_record, usage_record_async
 from billing.ratelimit import (
     Limit,
     RateLimited,
@@ -167,41 +168,46 @@ def admit(*, caller: Caller, prompt_chars: int, max_tokens: int | None) -> Admis
     )
 
 
-async def settle(
-    ticket: dict,
-    *,
-    schema_name: str,
-    event_id: str,
-    provider: str,
-    model: str,
-    tokens_in: int,
-    tokens_out: int,
-    cache_layer: str,
-    latency_ms: float,
-    ttft_ms: float | None,
-) -> None:
+def _usage_event(ticket: dict, **fields) -> UsageEvent:
+    return UsageEvent(
+        event_id=fields["event_id"],
+        tenant_schema=fields["schema_name"],
+        bot=ticket.get("bot", ""),
+        api_key_id=ticket.get("api_key_id"),
+        end_user=ticket.get("end_user", ""),
+        provider=fields["provider"] or "",
+        model=fields["model"] or "",
+        tokens_in=max(0, fields["tokens_in"]),
+        tokens_out=max(0, fields["tokens_out"]),
+        cached=bool(fields["cache_layer"]),
+        cache_layer=fields["cache_layer"],
+        latency_ms=round(fields["latency_ms"], 2),
+        ttft_ms=fields["ttft_ms"],
+        occurred_at=datetime.now(UTC),
+    )
+
+
+async def settle(ticket: dict, **fields) -> None:
     """After the turn: settle the reservation (a cached answer costs nothing), charge the real
-    tokens per minute, and record the usage event. Idempotent per reservation and event id."""
-    billable = 0 if cache_layer else tokens_in + tokens_out
+    tokens per minute, and record the usage event. Idempotent per reservation and event id.
+
+    ``fields``: schema_name, event_id, provider, model, tokens_in, tokens_out, cache_layer,
+    latency_ms, ttft_ms."""
+    billable = 0 if fields["cache_layer"] else fields["tokens_in"] + fields["tokens_out"]
     await budget_settle_async(reservation=Reservation.from_dict(ticket["reservation"]), actual_tokens=billable)
     limits = [Limit(**item) for item in ticket.get("token_limits", [])]
     if limits:
-        await tokens_charge_async(schema_name=schema_name, limits=limits, tokens=billable, reserved=ticket["estimate"])
-    await usage_record_async(
-        UsageEvent(
-            event_id=event_id,
-            tenant_schema=schema_name,
-            bot=ticket.get("bot", ""),
-            api_key_id=ticket.get("api_key_id"),
-            end_user=ticket.get("end_user", ""),
-            provider=provider or "",
-            model=model or "",
-            tokens_in=max(0, tokens_in),
-            tokens_out=max(0, tokens_out),
-            cached=bool(cache_layer),
-            cache_layer=cache_layer,
-            latency_ms=round(latency_ms, 2),
-            ttft_ms=ttft_ms,
-            occurred_at=datetime.now(UTC),
+        await tokens_charge_async(
+            schema_name=fields["schema_name"], limits=limits, tokens=billable, reserved=ticket["estimate"]
         )
-    )
+    await usage_record_async(_usage_event(ticket, **fields))
+
+
+def settle_sync(ticket: dict, **fields) -> None:
+    """``settle`` for synchronous callers (a cache hit answered by the web edge)."""
+    billable = 0 if fields["cache_layer"] else fields["tokens_in"] + fields["tokens_out"]
+    budget_settle(reservation=Reservation.from_dict(ticket["reservation"]), actual_tokens=billable)
+    limits = [Limit(**item) for item in ticket.get("token_limits", [])]
+    if limits:
+        tokens_charge(schema_name=fields["schema_name"], limits=limits, tokens=billable, reserved=ticket["estimate"])
+    usage_record(_usage_event(ticket, **fields))

@@ -12,9 +12,13 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import structlog
 from django.db import connection
 from django.utils import timezone
+from redis import exceptions as redis_exceptions
 
+from chat import cache, engine, gateway
+from chat.cache import CachedAnswer
 from chat.engine import TurnJob
 from chat.gateway import Admission, Caller, admit
 from chat.memory import persistence
@@ -31,6 +35,8 @@ from chat.streams import (
 )
 from tenants.errors import NotFound, ParleyError, ValidationFailed
 from tenants.redis import get_redis
+
+logger = structlog.get_logger(__name__)
 
 MAX_MESSAGE_CHARS = 32_000
 
@@ -132,6 +138,7 @@ def turn_start_from_messages(
     ]
     rows[-1].generation_id = generation_id
     return _enqueue(
+        earlier=[record_of(row) for row in rows[:-1]],
         conversation=conversation,
         messages=rows,
         generation_id=generation_id,
@@ -151,9 +158,11 @@ def _enqueue(
     is_streamed: bool,
     admission: Admission | None = None,
     is_new_conversation: bool = False,
+    earlier: list[dict] | None = None,
 ) -> StartedTurn:
     """One Redis transaction: the messages into the write stream and the hot store, the
-    generation's owner and first event, and the job for the generation workers."""
+    generation's owner and first event, and the job for the generation workers — or, for an
+    exact response-cache hit, the answer itself (no worker involved)."""
     schema_name = connection.schema_name
     message = messages[-1]
     job = TurnJob(
@@ -174,6 +183,8 @@ def _enqueue(
         "end_user_id": conversation.end_user_id,
     }
     created = {"generation_id": generation_id, "conversation_id": str(conversation.pk), "message_id": str(message.pk)}
+    started_at = time.perf_counter()
+    hit = _edge_exact_hit(job, conversation, earlier)
     pipe = get_redis().pipeline(transaction=True)
     persistence.queue_on(
         pipe,
@@ -185,8 +196,14 @@ def _enqueue(
     pipe.set(generation_owner_key(schema_name, generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
     pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
     pipe.expire(stream_key, STREAM_TTL_SECONDS)
-    pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
-    pipe.execute()
+    if hit is None:
+        pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
+        pipe.execute()
+    else:
+        answer = _answer_from_cache(pipe, job, conversation, hit, started_at)
+        pipe.execute()
+        if admission is not None:
+            _settle_cached(job, answer, started_at)
     return StartedTurn(
         generation_id=generation_id,
         conversation=conversation,
@@ -194,6 +211,102 @@ def _enqueue(
         stream_key=stream_key,
         headers=admission.headers if admission else {},
     )
+
+
+# --- the response cache at the edge -------------------------------------------------------------
+
+
+def _edge_exact_hit(job: TurnJob, conversation: Conversation, earlier: list[dict] | None) -> CachedAnswer | None:
+    """An exact response-cache hit, looked up here rather than by a generation worker: the
+    answer then costs one Redis GET and no hand-off. The key is the worker's own (the same
+    inputs, chat.engine.inputs_for); a miss goes to the worker, which also tries the semantic
+    layer. Only for bots whose answers are cacheable, so that others pay nothing for it."""
+    bot = conversation.bot
+    if not cache.is_cacheable({**bot.generation, **job.overrides}, cache_settings=bot.cache or {}):
+        return None
+    try:
+        if earlier is None:
+            earlier = engine.earlier_records(job, conversation, bot)
+        inputs = engine.inputs_for(job, conversation, earlier)
+        lookup = engine.cache_request(job, inputs)
+        if lookup is None:
+            return None
+        return cache.exact_lookup(lookup.scope, exact=lookup.exact, cache_settings=inputs.cache, redis=get_redis())
+    except redis_exceptions.RedisError:
+        logger.warning("edge_cache_lookup_failed", exc_info=True)  # the worker will try again
+        return None
+
+
+def _answer_from_cache(pipe, job: TurnJob, conversation: Conversation, hit: CachedAnswer, started_at: float) -> Message:
+    """Queue the cached answer's message and its events (the worker's own event types) on ``pipe``."""
+    elapsed_ms = round((time.perf_counter() - started_at) * 1000, 2)
+    usage = hit.usage or {}
+    tokens_in, tokens_out = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    answer = Message(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        content=hit.text,
+        generation_id=job.generation_id,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        ttft_ms=elapsed_ms,
+        total_ms=elapsed_ms,
+        provider=f"cache:{hit.layer}",
+        model=str(usage.get("model", "")),
+        citations=hit.citations,
+        finish_reason="stop",
+        is_cached=True,
+        cache_layer=hit.layer,
+    )
+    persistence.queue_on(
+        pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record_of(answer)]
+    )
+    stream_key = generation_stream_key(job.schema_name, job.generation_id)
+    events = [(STARTED_EVENT, {"cache": hit.layer}), *(("citation", citation) for citation in hit.citations)]
+    events.append(("token", {"text": hit.text}))
+    events.append(
+        (
+            "done",
+            {
+                "message_id": str(answer.pk),
+                "finish_reason": "stop",
+                "usage": {
+                    "prompt_tokens": tokens_in,
+                    "completion_tokens": tokens_out,
+                    "total_tokens": tokens_in + tokens_out,
+                },
+                "provider": answer.provider,
+                "model": answer.model,
+                "ttft_ms": elapsed_ms,
+                "total_ms": elapsed_ms,
+                "cached": True,
+                "cache_layer": hit.layer,
+            },
+        )
+    )
+    for event_type, data in events:
+        pipe.xadd(stream_key, {"type": event_type, "data": json.dumps(data, separators=(",", ":"))})
+    return answer
+
+
+def _settle_cached(job: TurnJob, answer: Message, started_at: float) -> None:
+    """Bookkeeping must not fail an answer already given: a failure is logged (the reservation
+    then expires on its own)."""
+    try:
+        gateway.settle_sync(
+            job.gateway,
+            schema_name=job.schema_name,
+            event_id=str(answer.pk),
+            provider=answer.provider,
+            model=answer.model,
+            tokens_in=answer.tokens_in or 0,
+            tokens_out=answer.tokens_out or 0,
+            cache_layer=answer.cache_layer,
+            latency_ms=(time.perf_counter() - started_at) * 1000,
+            ttft_ms=answer.ttft_ms,
+        )
+    except Exception:
+        logger.exception("edge_cache_settle_failed", generation_id=job.generation_id)
 
 
 def generation_get_for(*, generation_id: str, end_user: EndUser) -> str:

@@ -201,6 +201,30 @@ def test_repeated_question_is_served_from_the_exact_cache(worker, live, django_d
     assert answer["citations"] == first.json()["message"]["citations"]
 
 
+def test_an_exact_hit_is_answered_at_the_edge_without_a_worker(worker, live, django_db_blocker):
+    from chat.streams import JOBS_STREAM
+    from tenants.redis import get_redis
+
+    _deterministic(live, django_db_blocker)
+    first = _post(Client(), live, "How many days do I have to return an item?")
+    jobs_added = get_redis().xinfo_stream(JOBS_STREAM)["entries-added"]
+    live_again = {**live, "conversation": _new_conversation(live, django_db_blocker)}
+    second = _post(Client(), live_again, "How many days do I have to return an item?")
+
+    assert second["X-Parley-Cache"] == "exact"
+    assert get_redis().xinfo_stream(JOBS_STREAM)["entries-added"] == jobs_added  # no job was queued
+    answer = second.json()["message"]
+    assert answer["content"] == first.json()["message"]["content"]
+    assert answer["provider"] == "cache:exact"
+    with django_db_blocker.unblock():
+        messages_flush()
+        with tenant_context(live["tenant"]):
+            stored = list(
+                Message.objects.filter(conversation=live_again["conversation"]).values_list("role", "is_cached")
+            )
+    assert stored == [("user", False), ("assistant", True)]
+
+
 def test_streamed_answers_carry_the_cache_layer_header_and_event(worker, live, django_db_blocker, provider_choice):
     _deterministic(live, django_db_blocker)
     first = _post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
