@@ -16,7 +16,6 @@ Server → client frames: {"type": <event type>, "id": <event id>, "data": {...}
 from __future__ import annotations
 
 import asyncio
-import re
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -28,19 +27,13 @@ from chat.metrics import ACTIVE_STREAMS
 from chat.models import Bot, Conversation
 from chat.selectors import EndUser
 from chat.streams import parse_last_event_id, read
+from chat.widget import VISITOR_ID, origin_allowed, visitor_end_user
 from tenants.channels import tenant_database_sync_to_async
 from tenants.errors import AuthenticationFailed, NotFound, ParleyError, ValidationFailed
 from tenants.redis import get_loop_redis
 
-VISITOR_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
-
-
-def origin_allowed(bot: Bot, origin: str | None) -> bool:
-    if bot.allow_any_origin:
-        return True
-    return bool(origin) and origin.lower().rstrip("/") in bot.allowed_origins
 
 
 class BotConsumer(AsyncJsonWebsocketConsumer):
@@ -72,7 +65,7 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
         visitor_id = (query.get("visitor_id") or [""])[0]
         if not VISITOR_ID.match(visitor_id):
             raise ValidationFailed("visitor_id must be 8-64 letters, digits, '-' or '_'.")
-        return EndUser(kind=Conversation.EndUserKind.VISITOR, id=f"visitor:{visitor_id}")
+        return visitor_end_user(visitor_id)
 
     async def disconnect(self, code: int) -> None:
         for task in getattr(self, "relays", {}).values():

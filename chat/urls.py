@@ -20,3 +20,32 @@ urlpatterns = [
         "api/v1/generations/<str:generation_id>/cancel/", apis.GenerationCancelApi.as_view(), name="generation-cancel"
     ),
 ]
+
+# The embeddable widget (chat/transports/widget.py): on any host, the tenant named by the bot id.
+from chat.transports import widget as widget_apis  # noqa: E402
+
+WIDGET = "api/v1/widget/bots/<str:public_id>/"
+urlpatterns += [
+    path(f"{WIDGET}session/", widget_apis.SessionApi.as_view(), name="widget-session"),
+    path(f"{WIDGET}conversations/", widget_apis.ConversationListCreateApi.as_view(), name="widget-conversations"),
+    path(
+        f"{WIDGET}conversations/<str:conversation_id>/messages/",
+        widget_apis.MessageListApi.as_view(),
+        name="widget-messages",
+    ),
+    path(
+        f"{WIDGET}conversations/<str:conversation_id>/messages/<str:message_id>/feedback/",
+        widget_apis.FeedbackApi.as_view(),
+        name="widget-feedback",
+    ),
+    path(
+        f"{WIDGET}generations/<str:generation_id>/events/",
+        widget_apis.GenerationEventsApi.as_view(),
+        name="widget-generation-events",
+    ),
+    path(
+        f"{WIDGET}generations/<str:generation_id>/cancel/",
+        widget_apis.GenerationCancelApi.as_view(),
+        name="widget-generation-cancel",
+    ),
+]

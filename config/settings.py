@@ -417,3 +417,16 @@ DJANGO_STRUCTLOG_CELERY_ENABLED = True
 PROMETHEUS_EXPORT_MIGRATIONS = False
 
 MEDIA_ROOT = env.path("PARLEY_MEDIA_ROOT", default=BASE_DIR / "var" / "media")
+
+# --- embeddable widget --------------------------------------------------------------------------
+
+# Lifetime of a widget's signed visitor token (the widget fetches a new one when it expires).
+PARLEY_WIDGET_TOKEN_SECONDS = env.int("PARLEY_WIDGET_TOKEN_SECONDS", default=15 * 60)
+# Token exchanges per minute: per visitor id, and per client address (which bounds how many
+# visitor ids one address can mint). Messages per minute per client address, on top of the
+# gateway's per-visitor limits.
+PARLEY_WIDGET_SESSIONS_PER_VISITOR_PER_MINUTE = env.int("PARLEY_WIDGET_SESSIONS_PER_VISITOR_PER_MINUTE", default=10)
+PARLEY_WIDGET_SESSIONS_PER_IP_PER_MINUTE = env.int("PARLEY_WIDGET_SESSIONS_PER_IP_PER_MINUTE", default=60)
+PARLEY_WIDGET_MESSAGES_PER_IP_PER_MINUTE = env.int("PARLEY_WIDGET_MESSAGES_PER_IP_PER_MINUTE", default=120)
+# How long browsers may cache a widget endpoint's CORS preflight answer.
+PARLEY_WIDGET_PREFLIGHT_MAX_AGE = env.int("PARLEY_WIDGET_PREFLIGHT_MAX_AGE", default=3600)
