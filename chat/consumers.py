@@ -19,9 +19,8 @@ import asyncio
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.db import transaction
 
-from chat import selectors, services, turns
+from chat import selectors, turns
 from chat.gateway import caller_for
 from chat.metrics import ACTIVE_STREAMS
 from chat.models import Bot, Conversation
@@ -134,17 +133,17 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
             api_key_id=getattr(self, "api_key_id", None),
             end_user=self.end_user,
         )
-        # A turn the gateway refuses leaves no new conversation behind.
-        with transaction.atomic():
-            if conversation_id:
-                conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=self.end_user)
-                if conversation.bot_id != self.bot.pk:
-                    raise NotFound("No such conversation.", param="conversation_id")
-            else:
-                conversation = services.conversation_create(
-                    bot=self.bot, end_user_kind=self.end_user.kind, end_user_id=self.end_user.id
-                )
-            return turns.turn_start(conversation=conversation, content=content, caller=caller)
+        if conversation_id:
+            conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=self.end_user)
+            if conversation.bot_id != self.bot.pk:
+                raise NotFound("No such conversation.", param="conversation_id")
+        else:
+            # Saved by turn_start once the gateway admits the turn: a refused turn leaves no new
+            # conversation behind, and nothing is queued before the row is committed.
+            conversation = Conversation(
+                bot=self.bot, end_user_kind=self.end_user.kind, end_user_id=self.end_user.id[:200]
+            )
+        return turns.turn_start(conversation=conversation, content=content, caller=caller)
 
     @tenant_database_sync_to_async
     def _stream_key(self, generation_id: str) -> str:

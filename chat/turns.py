@@ -85,6 +85,8 @@ def turn_start(
     admits it, when the turn comes from outside: ``caller``)."""
     content = validate_content(content)
     admission = _admit(caller, bot=conversation.bot, prompt_chars=len(content) * 2, overrides={})
+    if conversation._state.adding:  # a new conversation, stored only for an admitted turn
+        conversation.save()
     generation_id = str(uuid.uuid4())
     # Not written here: the message goes to the write stream and the hot store with the job, in
     # one Redis transaction (chat.memory.persistence); the flusher stores it within a second.
