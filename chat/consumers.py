@@ -25,11 +25,11 @@ from chat.gateway import caller_for
 from chat.metrics import ACTIVE_STREAMS
 from chat.models import Bot, Conversation
 from chat.selectors import EndUser
-from chat.streams import parse_last_event_id, read
+from chat.streams import parse_last_event_id
+from chat.transports.hub import follow
 from chat.widget import VISITOR_ID, origin_allowed, visitor_end_user
 from tenants.channels import tenant_database_sync_to_async
 from tenants.errors import AuthenticationFailed, NotFound, ParleyError, ValidationFailed
-from tenants.redis import get_loop_redis
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
@@ -104,7 +104,7 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
         self.relays[generation_id] = asyncio.create_task(self._forward(stream_key, after))
 
     async def _forward(self, stream_key: str, after: str) -> None:
-        async for event in read(get_loop_redis(), stream_key, after=after, block_ms=15_000):
+        async for event in follow(stream_key, after=after, block_ms=15_000):
             if event is not None:
                 await self.send_json({"type": event.type, "id": event.id, "data": event.data})
 

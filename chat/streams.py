@@ -31,6 +31,11 @@ JOBS_STREAM = "parley:generation:jobs"
 JOBS_GROUP = "generators"
 
 
+def notify_channel(stream_key: str) -> str:
+    """The pub/sub channel on which writers announce new events of a stream (chat.transports.hub)."""
+    return f"{stream_key}:n"
+
+
 def generation_stream_key(schema_name: str, generation_id: str) -> str:
     return tenant_key(schema_name, "gen", generation_id)
 
@@ -64,7 +69,8 @@ async def publish(redis: aioredis.Redis, key: str, event_type: str, data: dict[s
             approximate=True,
         )
         pipe.expire(key, STREAM_TTL_SECONDS)
-        entry_id, _ = await pipe.execute()
+        pipe.publish(notify_channel(key), b"")
+        entry_id, *_rest = await pipe.execute()
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
@@ -136,6 +142,7 @@ class CoalescingPublisher:
                     )
                 if is_terminal or self.writes == 0:
                     pipe.expire(self.key, STREAM_TTL_SECONDS)
+                pipe.publish(notify_channel(self.key), b"")
                 await pipe.execute()
             self.writes += 1
             self._last_write = time.monotonic()

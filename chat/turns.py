@@ -32,6 +32,7 @@ from chat.streams import (
     cancel_key,
     generation_owner_key,
     generation_stream_key,
+    notify_channel,
 )
 from tenants.errors import NotFound, ParleyError, ValidationFailed
 from tenants.redis import get_redis
@@ -198,6 +199,7 @@ def _enqueue(
     pipe.set(generation_owner_key(schema_name, generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
     pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
     pipe.expire(stream_key, STREAM_TTL_SECONDS)
+    pipe.publish(notify_channel(stream_key), b"")
     if hit is None:
         pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
         pipe.execute()
@@ -288,6 +290,7 @@ def _answer_from_cache(pipe, job: TurnJob, conversation: Conversation, hit: Cach
     )
     for event_type, data in events:
         pipe.xadd(stream_key, {"type": event_type, "data": json.dumps(data, separators=(",", ":"))})
+    pipe.publish(notify_channel(stream_key), b"")
     return answer
 
 

@@ -21,10 +21,9 @@ from rest_framework.response import Response
 
 from chat import selectors, turns
 from chat.services import validate_generation
-from chat.streams import read
+from chat.transports.hub import follow
 from tenants.api_base import StrictSerializer, TenantAPIView
 from tenants.errors import NotFound
-from tenants.redis import get_loop_redis
 
 ROLES = ("system", "user", "assistant", "developer")
 MAX_MESSAGES = 500
@@ -185,7 +184,7 @@ async def _chunks(
     stream_key: str, *, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-    async for event in read(get_loop_redis(), stream_key, block_ms=15_000):
+    async for event in follow(stream_key, block_ms=15_000):
         if event is None:
             yield b": keep-alive\n\n"
         elif event.type == "token":

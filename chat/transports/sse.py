@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from django.http import StreamingHttpResponse
 
 from chat.metrics import ACTIVE_STREAMS
-from chat.streams import StreamEvent, read
-from tenants.redis import get_loop_redis
+from chat.streams import StreamEvent
+from chat.transports.hub import follow
 
 HEARTBEAT_MS = 15_000
 HEARTBEAT = b": keep-alive\n\n"
@@ -30,7 +30,7 @@ async def event_stream(stream_key: str, *, after: str = "0-0") -> AsyncIterator[
     ACTIVE_STREAMS.labels("sse").inc()
     try:
         yield f"retry: {RECONNECT_MS}\n\n".encode()
-        async for event in read(get_loop_redis(), stream_key, after=after, block_ms=HEARTBEAT_MS):
+        async for event in follow(stream_key, after=after, block_ms=HEARTBEAT_MS):
             yield HEARTBEAT if event is None else format_event(event)
     finally:
         ACTIVE_STREAMS.labels("sse").dec()

@@ -63,3 +63,52 @@ async def test_pending_tokens_flush_without_a_next_event():
     assert held == [("token", {"text": "a"})]
     assert flushed == [("token", {"text": "a"}), ("token", {"text": "b"})]
     await redis.aclose()
+
+
+# --- the per-process hub that follows streams for the transports --------------------------------
+
+
+async def _follow_all(key: str) -> list:
+    from chat.transports.hub import follow
+
+    return [event async for event in follow(key, block_ms=5_000) if event is not None]
+
+
+async def test_the_hub_follows_many_streams_over_one_connection():
+    from chat.streams import publish
+    from tenants.redis import get_loop_redis
+
+    redis = get_loop_redis()
+    before = len(await redis.client_list())
+    keys = [f"t:test:gen:hub-{index}" for index in range(300)]
+    followers = [asyncio.create_task(_follow_all(key)) for key in keys]
+    await asyncio.sleep(0.2)  # all subscribed and waiting
+    during = len(await redis.client_list())
+    for round_number in range(3):
+        for key in keys:
+            await publish(redis, key, "token", {"text": f"{round_number} "})
+    for key in keys:
+        await publish(redis, key, "done", {"finish_reason": "stop"})
+    received = await asyncio.wait_for(asyncio.gather(*followers), 10)
+
+    assert during - before <= 3  # the hub's pub/sub connection and a command connection: not 300
+    for events in received:
+        assert [event.type for event in events] == ["token", "token", "token", "done"]
+        assert "".join(event.data.get("text", "") for event in events) == "0 1 2 "
+
+
+async def test_the_hub_catches_an_event_whose_notification_was_lost(monkeypatch):
+    from chat.transports import hub
+    from tenants.redis import get_loop_redis
+
+    monkeypatch.setattr(hub, "SWEEP_SECONDS", 0.1)
+    redis = get_loop_redis()
+    key = "t:test:gen:hub-lost"
+    follower = asyncio.create_task(_follow_all(key))
+    await asyncio.sleep(0.2)
+    # Written without the PUBLISH that normally follows (as if pub/sub dropped it).
+    await redis.xadd(key, {"type": "done", "data": json.dumps({"finish_reason": "stop"})})
+
+    events = await asyncio.wait_for(follower, 2)
+
+    assert [event.type for event in events] == ["done"]

@@ -1,0 +1,186 @@
+"""One reader of generation streams per web process, shared by every connection it serves.
+
+Reading each client's stream with its own blocking ``XREAD`` costs a Redis connection per open
+SSE or WebSocket client: 10,000 clients would hold 10,000 connections (Redis's default limit) and
+as many pending commands. Instead, publishers ``PUBLISH`` a notification on the stream's channel
+after each write (chat.streams), and each process's hub holds one pub/sub connection subscribed to
+the channels of the streams its clients follow. A notification marks the stream dirty; a single
+fetcher task reads every dirty stream in one non-blocking ``XREAD`` and hands the events to the
+streams' subscribers. Pub/sub may drop a message (a reconnect): a sweep re-reads every followed
+stream each ``SWEEP_SECONDS``, so an event is at worst that late, never lost. An idle client costs
+a queue and a channel subscription — no Redis connection, no pending command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import structlog
+
+from chat.streams import StreamEvent, _decode, notify_channel
+from tenants.redis import get_loop_redis
+
+logger = structlog.get_logger(__name__)
+
+SWEEP_SECONDS = 1.0
+XREAD_KEYS_PER_CALL = 500  # bounds one command's size when many streams are dirty at once
+XREAD_COUNT = 256
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+@dataclass(eq=False)
+class Subscription:
+    key: str
+    last: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class StreamHub:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self.subscribers: dict[str, set[Subscription]] = {}
+        self.dirty: set[str] = set()
+        self.wake = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+        self.lock = asyncio.Lock()  # channel (un)subscriptions, one at a time on the pub/sub connection
+
+    def _start(self) -> None:
+        if not self.tasks:
+            self.tasks = [
+                asyncio.create_task(self._listen(), name="stream-hub-listen"),
+                asyncio.create_task(self._fetch_forever(), name="stream-hub-fetch"),
+                asyncio.create_task(self._sweep(), name="stream-hub-sweep"),
+            ]
+
+    async def subscribe(self, key: str, after: str) -> Subscription:
+        subscription = Subscription(key=key, last=after)
+        async with self.lock:
+            followers = self.subscribers.setdefault(key, set())
+            if not followers:
+                await self.pubsub.subscribe(notify_channel(key))
+            followers.add(subscription)
+        self._start()
+        self.mark(key)  # the events written before the subscription
+        return subscription
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        async with self.lock:
+            followers = self.subscribers.get(subscription.key)
+            if followers is None:
+                return
+            followers.discard(subscription)
+            if not followers:
+                del self.subscribers[subscription.key]
+                self.dirty.discard(subscription.key)
+                with contextlib.suppress(Exception):  # the connection may be gone: nothing to undo then
+                    await self.pubsub.unsubscribe(notify_channel(subscription.key))
+
+    def mark(self, key: str) -> None:
+        self.dirty.add(key)
+        self.wake.set()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                if not self.pubsub.subscribed:
+                    await asyncio.sleep(0.05)
+                    continue
+                message = await self.pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    channel = message["channel"]
+                    channel = channel.decode() if isinstance(channel, bytes) else channel
+                    self.mark(channel.removesuffix(":n"))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a dropped connection: the sweep covers the gap while it reconnects
+                logger.warning("stream_hub_listen_failed", exc_info=True)
+                await asyncio.sleep(0.5)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            for key in list(self.subscribers):
+                self.dirty.add(key)
+            if self.dirty:
+                self.wake.set()
+
+    async def _fetch_forever(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            keys = [key for key in self.dirty if key in self.subscribers]
+            self.dirty.clear()
+            for start in range(0, len(keys), XREAD_KEYS_PER_CALL):
+                try:
+                    await self._fetch(keys[start : start + XREAD_KEYS_PER_CALL])
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.warning("stream_hub_fetch_failed", exc_info=True)
+                    self.dirty.update(keys[start:])  # retried at the next wake-up or sweep
+                    await asyncio.sleep(0.2)
+                    break
+
+    async def _fetch(self, keys: list[str]) -> None:
+        positions = {}
+        for key in keys:
+            followers = self.subscribers.get(key)
+            if followers:
+                positions[key] = min((subscription.last for subscription in followers), key=_id_tuple)
+        if not positions:
+            return
+        response = await self.redis.xread(positions, count=XREAD_COUNT)
+        for raw_key, entries in response or []:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            events = [_decode(entry_id, fields) for entry_id, fields in entries]
+            for subscription in list(self.subscribers.get(key, ())):
+                last = _id_tuple(subscription.last)
+                for event in events:
+                    if _id_tuple(event.id) > last and not subscription.done:
+                        subscription.queue.put_nowait(event)
+                        subscription.last = event.id
+                        subscription.done = event.is_terminal
+            if len(entries) == XREAD_COUNT:
+                self.mark(key)  # more to read
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamHub] = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> StreamHub:
+    """The hub of the running event loop (one per web process)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = StreamHub(get_loop_redis())
+    return hub
+
+
+async def follow(key: str, *, after: str = "0-0", block_ms: int = 15_000) -> AsyncIterator[StreamEvent | None]:
+    """Events of the stream after ``after`` until a terminal one; ``None`` after ``block_ms``
+    without an event (the transport's heartbeat). The same contract as chat.streams.read."""
+    hub = get_hub()
+    subscription = await hub.subscribe(key, after)
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(subscription.queue.get(), block_ms / 1000)
+            except TimeoutError:
+                yield None
+                continue
+            yield event
+            if event.is_terminal:
+                return
+    finally:
+        await hub.unsubscribe(subscription)
