@@ -5,13 +5,16 @@ with the ``live`` bot."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import uuid
+from pathlib import Path
 from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.test import Client
 from django_tenants.utils import tenant_context
 
@@ -24,6 +27,7 @@ from tenants.errors import AuthenticationFailed
 ORIGIN = "https://shop.example.com"
 OTHER_ORIGIN = "https://evil.example.com"
 VISITOR = "visitor-123456"
+WIDGET_JS = Path(settings.BASE_DIR) / "static" / "widget" / "parley.js"
 
 
 @pytest.fixture
@@ -433,7 +437,7 @@ def test_token_exchanges_limited_per_address(bot, settings):
     assert elsewhere.status_code == 201
 
 
-def test_messages_limited_per_visitor_and_refused_turns_store_nothing(bot, live, settings):
+def test_messages_limited_per_visitor_and_refused_turns_store_nothing(bot, live):
     with tenant_context(live["tenant"]):
         Bot.objects.filter(pk=bot.pk).update(rate_limits={"end_user_requests_per_minute": 1})
     token = _token(bot)
@@ -584,3 +588,9 @@ def test_widget_endpoints_are_in_the_openapi_schema(client):
         assert "/api/v1/widget/bots/{public_id}/" in schema
         assert path in schema
     assert "widgetToken" in schema
+
+
+def test_widget_script_is_under_30_kb_gzipped():
+    size = len(gzip.compress(WIDGET_JS.read_bytes(), compresslevel=9))
+
+    assert size < 30 * 1024, f"parley.js is {size} bytes gzipped"
