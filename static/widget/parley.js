@@ -17,6 +17,7 @@
   var storeKey = "parley:" + botId + ":";
   var identity = { userId: script.getAttribute("data-user-id") || "", userHash: script.getAttribute("data-user-hash") || "" };
   var COLOR = /^#(?:[0-9a-f]{3}|[0-9a-f]{6})$/i;
+  var THUMB = "M2 21h4V9H2v12zm20-11a2 2 0 0 0-2-2h-6.3l1-4.6v-.3c0-.4-.2-.8-.4-1.1L13.2 1 6.6 7.6c-.4.3-.6.8-.6 1.4v10a2 2 0 0 0 2 2h9c.8 0 1.5-.5 1.8-1.2l3-7.1c.1-.2.2-.5.2-.7v-2z";
   var RESUME_DELAYS = [250, 500, 1000, 2000, 4000, 8000, 8000];
 
   var session = null; // {token, expiresAt, bot}
@@ -248,6 +249,16 @@
         paragraph = list = null;
         continue;
       }
+      var quote = /^>\s?(.*)$/.exec(ln);
+      if (quote) {
+        if (!paragraph || paragraph.parentNode.tagName !== "BLOCKQUOTE") {
+          paragraph = root.appendChild(el("blockquote")).appendChild(el("p"));
+        } else paragraph.appendChild(el("br"));
+        list = null;
+        inline(paragraph, quote[1], cite);
+        continue;
+      }
+      if (paragraph && paragraph.parentNode.tagName === "BLOCKQUOTE") paragraph = null;
       var heading = /^#{1,6}\s+(.*)$/.exec(ln);
       if (heading) {
         inline(root.appendChild(el("p", "heading")).appendChild(el("strong")), heading[1], cite);
@@ -289,7 +300,9 @@
     ".sources{margin:8px 0 0;padding:6px 0 0 18px;border-top:1px solid #dcdde3;font-size:12px;color:#4a4a55}" +
     ".sources li:focus{outline:2px solid #1a73e8}" +
     ".tools{display:flex;gap:4px;margin-top:6px}" +
-    ".tools button{border:1px solid #c9cad3;background:#fff;border-radius:6px;cursor:pointer;padding:2px 7px;font-size:13px}" +
+    ".tools button{border:1px solid #c9cad3;background:#fff;color:#4a4a55;border-radius:6px;cursor:pointer;padding:3px 6px;line-height:0}" +
+    ".tools svg{width:15px;height:15px;fill:currentColor}" +
+    ".msg blockquote{margin:4px 0;padding-left:10px;border-left:3px solid #c9cad3}" +
     ".tools button[aria-pressed=true]{background:#e3e8fb;border-color:#3457d5}" +
     ".typing::after{content:'\\2026';animation:blink 1s infinite}@keyframes blink{50%{opacity:.2}}" +
     ".alert{margin:0 14px 8px;padding:8px 10px;border-radius:8px;background:#fdecea;color:#8a1c12;font-size:14px;display:flex;gap:8px;align-items:center}" +
@@ -300,7 +313,7 @@
     "form button{border:0;border-radius:10px;padding:0 14px;background:var(--p-primary);color:var(--p-text);cursor:pointer;font-size:14px}" +
     "form button[hidden]{display:none}form button:disabled{opacity:.5;cursor:default}" +
     ".sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}" +
-    "@media (max-width:480px){.panel{inset:0;width:100%;max-width:none;height:100%;max-height:none;border-radius:0}}" +
+    "@media (max-width:480px){.frame .panel{top:0;left:0;right:0;bottom:0;width:100%;max-width:none;height:100%;max-height:none;border-radius:0}}" +
     "@media (prefers-reduced-motion:reduce){.typing::after{animation:none}}";
 
   var host = el("div");
@@ -314,13 +327,7 @@
   launcher.setAttribute("aria-label", "Open chat");
   launcher.setAttribute("aria-expanded", "false");
   launcher.setAttribute("aria-controls", "parley-panel");
-  var svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("aria-hidden", "true");
-  var path = document.createElementNS("http://www.w3.org/2000/svg", "path");
-  path.setAttribute("d", "M4 4h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H8l-4 4V6a2 2 0 0 1 2-2z");
-  svg.appendChild(path);
-  launcher.appendChild(svg);
+  launcher.appendChild(icon("M4 4h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H8l-4 4V6a2 2 0 0 1 2-2z"));
 
   var panel = frame.appendChild(el("div", "panel"));
   panel.id = "parley-panel";
@@ -363,6 +370,16 @@
   var stopButton = form.appendChild(el("button", "", "Stop"));
   stopButton.type = "button";
   stopButton.hidden = true;
+
+  function icon(d, flip) {
+    var svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("aria-hidden", "true");
+    if (flip) svg.setAttribute("transform", "rotate(180)");
+    var path = svg.appendChild(document.createElementNS("http://www.w3.org/2000/svg", "path"));
+    path.setAttribute("d", d);
+    return svg;
+  }
 
   function applyBot(bot) {
     var theme = bot.theme || {};
@@ -463,8 +480,9 @@
     if (!messageId || !conversationId) return;
     var tools = view.node.appendChild(el("div", "tools"));
     var conversation = conversationId;
-    [["up", "\uD83D\uDC4D", "Helpful"], ["down", "\uD83D\uDC4E", "Not helpful"]].forEach(function (spec) {
-      var button = tools.appendChild(el("button", "", spec[1]));
+    [["up", false, "Helpful"], ["down", true, "Not helpful"]].forEach(function (spec) {
+      var button = tools.appendChild(el("button"));
+      button.appendChild(icon(THUMB, spec[1]));
       button.type = "button";
       button.setAttribute("aria-label", spec[2]);
       button.setAttribute("aria-pressed", String(current === spec[0]));

@@ -13,8 +13,10 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django_tenants.utils import tenant_context
 from playwright.sync_api import Page, expect
 
@@ -24,6 +26,8 @@ from chat.providers.local import LocalProvider
 from chat.selectors import message_list
 
 pytestmark = pytest.mark.browser
+
+SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "screenshots"  # git-ignored
 
 QUESTION = "How many days do I have to return an item?"
 XSS_ANSWER = (
@@ -107,6 +111,7 @@ def proxy(parley_server) -> Iterator[DroppableProxy]:
 def _host_page(host_site, server, bot, *, path: str = "/shop.html") -> str:
     html = (
         "<!doctype html><html><head><title>Shop</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<style>button{background:red!important} div{color:green}</style></head>"
         "<body><h1>Our shop</h1>"
         f'<script src="{server.url}/static/widget/parley.js" data-bot="{bot.public_id}" async></script>'
@@ -171,6 +176,8 @@ def test_visitor_asks_sees_streamed_answer_with_citation_and_history(
     expect(answer.locator(".sources li")).to_have_text(["Returns policy"])
     expect(answer.get_by_role("button", name="Helpful", exact=True)).to_be_visible()
     expect(answer.locator(".cite").first).to_have_text("[1]")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "widget-answer.png")
     answer.get_by_role("button", name="Helpful", exact=True).click()
     expect(answer.get_by_role("button", name="Helpful", exact=True)).to_have_attribute("aria-pressed", "true")
     stored = page.evaluate("Object.keys(localStorage).sort()")
@@ -217,7 +224,8 @@ def test_network_drop_mid_answer_resumes_to_the_full_answer(
     stored = _stored_answer(shop, django_db_blocker)
     shown = _answer(page).locator(".body").inner_text()
     assert [header for header in resumes if header], "the widget never resumed"
-    assert " ".join(shown.split()) == " ".join(stored.replace("**", "").split())
+    rendered = re.sub(r"(?m)^>\s?", "", stored).replace("**", "")  # the Markdown the widget turned into elements
+    assert " ".join(shown.split()) == " ".join(rendered.split())
     assert shown.count("30 days") == 1
 
 
@@ -252,3 +260,28 @@ def test_a_page_from_a_disallowed_origin_is_refused(page, live, host_site, parle
     expect(page.get_by_role("alert")).to_contain_text("is not allowed to use this chat bot")
     expect(page.get_by_label("Message")).to_be_disabled()
     assert set(statuses) == {403}
+
+
+def test_keyboard_and_narrow_screens(browser, shop):
+    context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(shop["url"])
+        launcher = page.get_by_role("button", name="Open chat")
+        expect(launcher).to_be_visible()
+        page.keyboard.press("Tab")
+        assert launcher.evaluate("b => b === b.getRootNode().activeElement")
+        page.keyboard.press("Enter")
+
+        panel = page.get_by_role("dialog", name="Support")
+        expect(panel).to_be_visible()
+        box = panel.bounding_box()
+        assert (box["x"], box["y"], box["width"], box["height"]) == (0, 0, 375, 700)  # full screen
+        expect(page.get_by_label("Message")).to_be_focused()
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / "widget-mobile.png")
+        page.keyboard.press("Escape")
+        expect(panel).to_be_hidden()
+        assert launcher.evaluate("b => b === b.getRootNode().activeElement")  # focus back on the launcher
+    finally:
+        context.close()
