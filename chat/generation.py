@@ -21,7 +21,6 @@ import socket
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from django.conf import settings
 from redis.exceptions import ResponseError
 
 from chat.engine import TurnJob, TurnOutcome, run_turn, save_answer
@@ -29,7 +28,7 @@ from chat.metrics import ACTIVE_GENERATIONS
 from chat.providers.base import Provider
 from chat.streams import JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
 from tenants.asyncdb import in_tenant
-from tenants.redis import REDIS_SOCKET_TIMEOUT
+from tenants.redis import get_async_redis
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class GenerationWorker:
         claim_idle_ms: int = 60_000,
         route_for: Callable[[dict], Provider] | None = None,
     ) -> None:
-        self.redis = redis or aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_SOCKET_TIMEOUT)
+        self.redis = redis or get_async_redis()
         self.concurrency = concurrency
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_idle_ms = claim_idle_ms

@@ -177,6 +177,8 @@ else:
 if IS_TEST:
     # Tests use their own logical database so they never touch development data.
     REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/" + env.str("REDIS_TEST_DB", default="9")
+# Connections per Redis pool (one sync and one asyncio pool per process); past it callers wait.
+REDIS_MAX_CONNECTIONS = env.int("REDIS_MAX_CONNECTIONS", default=200)
 
 CACHES = {
     "default": {
@@ -428,5 +430,9 @@ PARLEY_WIDGET_TOKEN_SECONDS = env.int("PARLEY_WIDGET_TOKEN_SECONDS", default=15 
 PARLEY_WIDGET_SESSIONS_PER_VISITOR_PER_MINUTE = env.int("PARLEY_WIDGET_SESSIONS_PER_VISITOR_PER_MINUTE", default=10)
 PARLEY_WIDGET_SESSIONS_PER_IP_PER_MINUTE = env.int("PARLEY_WIDGET_SESSIONS_PER_IP_PER_MINUTE", default=60)
 PARLEY_WIDGET_MESSAGES_PER_IP_PER_MINUTE = env.int("PARLEY_WIDGET_MESSAGES_PER_IP_PER_MINUTE", default=120)
+# Load balancers in front of the web replicas that append to X-Forwarded-For: the client address
+# for the per-address limits is the entry this many hops from the right (0: REMOTE_ADDR itself;
+# behind one load balancer every visitor would otherwise share its address).
+PARLEY_WIDGET_TRUSTED_PROXY_HOPS = env.int("PARLEY_WIDGET_TRUSTED_PROXY_HOPS", default=0)
 # How long browsers may cache a widget endpoint's CORS preflight answer.
 PARLEY_WIDGET_PREFLIGHT_MAX_AGE = env.int("PARLEY_WIDGET_PREFLIGHT_MAX_AGE", default=3600)

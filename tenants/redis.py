@@ -18,15 +18,36 @@ REDIS_SOCKET_TIMEOUT = 30
 PURGE_BATCH = 500  # keys per UNLINK: large enough to be quick, small enough not to block Redis
 
 
+# Connections per pool: a pool that runs out makes its caller wait (up to POOL_WAIT_SECONDS) rather
+# than fail. redis-py's default pool raises "Too many connections" past 100, which a web process
+# reached when several hundred SSE clients connected at once (each request's sync part runs in its
+# own thread).
+POOL_WAIT_SECONDS = 20
+DEFAULT_MAX_CONNECTIONS = 200
+
+
 @cache
 def get_redis() -> redis.Redis:
     # Blocking reads (XREAD BLOCK ≤ 15 s) must not hit the socket timeout (redis-py's default is 5 s).
-    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30, socket_timeout=REDIS_SOCKET_TIMEOUT)
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.REDIS_URL,
+        max_connections=getattr(settings, "REDIS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+        timeout=POOL_WAIT_SECONDS,
+        health_check_interval=30,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def get_async_redis() -> aioredis.Redis:
     # Not cached: an asyncio client is bound to the event loop it was first used on.
-    return aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_SOCKET_TIMEOUT)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.REDIS_URL,
+        max_connections=getattr(settings, "REDIS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+        timeout=POOL_WAIT_SECONDS,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 _loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
@@ -38,7 +59,7 @@ def get_loop_redis() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _loop_clients.get(loop)
     if client is None:
-        client = _loop_clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_SOCKET_TIMEOUT)
+        client = _loop_clients[loop] = get_async_redis()
     return client
 
 

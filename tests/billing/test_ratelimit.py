@@ -383,7 +383,7 @@ async def test_async_check_and_charge_share_the_limits_of_the_sync_ones():
 
 async def test_concurrent_async_checks_admit_exactly_the_burst():
     # Two per minute: nothing refills while the checks run, so the count is exact. 90 at once:
-    # within the loop client's pool of 100 connections (redis-py's default).
+    # within the loop client's pool (REDIS_MAX_CONNECTIONS, 200).
     limit = key_limit(2, burst=50)
 
     decisions = await asyncio.gather(
