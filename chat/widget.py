@@ -234,6 +234,18 @@ def _admit(*, schema_name: str, limits: list[Limit], message: str) -> None:
     )
 
 
+def client_address(meta: dict) -> str:
+    """The client's address for per-address limits: ``REMOTE_ADDR``, or behind trusted load
+    balancers the X-Forwarded-For entry they appended (entries further left are the client's own
+    claims, which anyone can forge)."""
+    hops = settings.PARLEY_WIDGET_TRUSTED_PROXY_HOPS
+    if hops > 0:
+        forwarded = [part.strip() for part in meta.get("HTTP_X_FORWARDED_FOR", "").split(",") if part.strip()]
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
+    return meta.get("REMOTE_ADDR", "")
+
+
 def session_admit(*, schema_name: str, visitor_id: str, client_ip: str) -> None:
     """Token exchanges per visitor and per client address (429 with Retry-After): a script
     minting visitor ids is held by its address; one visitor cannot spin tokens either."""

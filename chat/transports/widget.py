@@ -111,7 +111,7 @@ def _widget_bot(request, public_id: str) -> Bot:
 
 
 def _client_ip(request) -> str:
-    return request.META.get("REMOTE_ADDR", "")
+    return widget.client_address(request.META)
 
 
 class WidgetAPIView(TenantAPIView):

@@ -437,6 +437,24 @@ def test_token_exchanges_limited_per_address(bot, settings):
     assert elsewhere.status_code == 201
 
 
+@pytest.mark.parametrize(
+    ("hops", "forwarded", "expected"),
+    [
+        (0, "203.0.113.9", "10.0.0.1"),
+        (1, "198.51.100.7, 203.0.113.9", "203.0.113.9"),
+        (2, "198.51.100.7, 203.0.113.9", "198.51.100.7"),
+        (2, "203.0.113.9", "10.0.0.1"),
+    ],
+    ids=["no_proxy_case", "one_hop_case", "two_hops_case", "short_header_case"],
+)
+def test_client_address_behind_trusted_proxies_case(settings, hops, forwarded, expected):
+    settings.PARLEY_WIDGET_TRUSTED_PROXY_HOPS = hops
+
+    address = widget.client_address({"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": forwarded})
+
+    assert address == expected
+
+
 def test_messages_limited_per_visitor_and_refused_turns_store_nothing(bot, live):
     with tenant_context(live["tenant"]):
         Bot.objects.filter(pk=bot.pk).update(rate_limits={"end_user_requests_per_minute": 1})
