@@ -285,3 +285,24 @@ def test_keyboard_and_narrow_screens(browser, shop):
         assert launcher.evaluate("b => b === b.getRootNode().activeElement")  # focus back on the launcher
     finally:
         context.close()
+
+
+def test_stop_then_new_conversation(page, shop, worker, provider_choice, django_db_blocker):
+    provider_choice["provider"] = LocalProvider(seconds_per_word=0.05)
+    _open(page, shop["url"])
+    _ask(page, QUESTION)
+    expect(_answer(page)).to_contain_text("extractive", timeout=15_000)
+
+    page.get_by_role("button", name="Stop").click()
+
+    expect(_answer(page).get_by_role("button", name="Helpful", exact=True)).to_be_visible(timeout=15_000)
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    with django_db_blocker.unblock(), tenant_context(shop["tenant"]):
+        conversation = Conversation.objects.get(bot=shop["bot"], end_user_kind="visitor")
+        answers = [m for m in message_list(conversation=conversation) if m.role == "assistant"]
+    assert [answer.finish_reason for answer in answers] == ["cancelled"]
+    assert "30 days" not in answers[0].content
+
+    page.get_by_role("button", name="New conversation").click()
+    expect(page.locator("#parley-widget .msg")).to_have_count(1)  # the greeting only
+    assert page.evaluate("Object.keys(localStorage)") == [f"parley:{shop['bot'].public_id}:visitor"]
