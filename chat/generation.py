@@ -27,7 +27,6 @@ from chat.engine import TurnJob, TurnOutcome, run_turn, save_answer
 from chat.metrics import ACTIVE_GENERATIONS
 from chat.providers.base import Provider
 from chat.streams import JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
-from tenants.asyncdb import in_tenant
 from tenants.redis import get_async_redis
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,7 @@ class GenerationWorker:
         self.route_for = route_for or default_route_factory()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
+        self._in_flight: dict[asyncio.Task, bytes | str] = {}  # running jobs' stream entry ids
 
     async def ensure_group(self) -> None:
         try:
@@ -70,13 +70,18 @@ class GenerationWorker:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             if loop.time() >= next_claim:
+                await self._heartbeat()
                 await self._claim_orphans()
-                next_claim = loop.time() + max(self.claim_idle_ms / 4000, 0.5)
+                next_claim = loop.time() + max(self.claim_idle_ms / 4000, 0.1)
             free = self.concurrency - len(self._tasks)
             if free <= 0:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED, timeout=1)
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED, timeout=self.claim_idle_ms / 4000)
                 continue
-            response = await self.redis.xreadgroup(JOBS_GROUP, self.consumer, {JOBS_STREAM: ">"}, count=free, block=500)
+            # Never block past a heartbeat: running jobs' idle time must reset before it reaches claim_idle_ms.
+            block = max(10, min(500, self.claim_idle_ms // 4))
+            response = await self.redis.xreadgroup(
+                JOBS_GROUP, self.consumer, {JOBS_STREAM: ">"}, count=free, block=block
+            )
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
                     self._spawn(entry_id, fields, orphan=False)
@@ -89,7 +94,17 @@ class GenerationWorker:
     def _spawn(self, entry_id, fields, *, orphan: bool) -> None:
         task = asyncio.create_task(self._handle(entry_id, fields, orphan=orphan))
         self._tasks.add(task)
+        self._in_flight[task] = entry_id
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: self._in_flight.pop(done, None))
+
+    async def _heartbeat(self) -> None:
+        """Reset the idle time of the jobs this worker is running: an answer that streams for
+        longer than ``claim_idle_ms`` must not look abandoned to the other workers (which would
+        take it over and end it as interrupted)."""
+        entry_ids = list(self._in_flight.values())
+        if entry_ids:
+            await self.redis.xclaim(JOBS_STREAM, JOBS_GROUP, self.consumer, 0, entry_ids, justid=True)
 
     async def _handle(self, entry_id, fields, *, orphan: bool) -> None:
         try:
@@ -144,7 +159,7 @@ class GenerationWorker:
             return False  # never started: run it now
         text = "".join(json.loads(fields[b"data"])["text"] for _id, fields in events if fields[b"type"] == b"token")
         outcome = TurnOutcome(text=text, finish_reason="error")
-        message_id = await in_tenant(job.schema_name, save_answer, job, outcome)
+        message_id = await save_answer(job, outcome, self.redis)
         await publish(
             self.redis,
             key,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+from django.db import connection
 from django.http import StreamingHttpResponse
 
 from chat.metrics import ACTIVE_STREAMS
@@ -37,6 +38,11 @@ async def event_stream(stream_key: str, *, after: str = "0-0") -> AsyncIterator[
 
 
 def sse_response(body: AsyncIterator[bytes], *, headers: dict[str, str] | None = None) -> StreamingHttpResponse:
+    """The stream needs no database: its connection goes back to the pool now, not when the
+    stream ends (Django releases it at request_finished) — 9,000 open streams held every pooled
+    connection and the next requests failed waiting for one."""
+    if not connection.in_atomic_block:
+        connection.close()
     response = StreamingHttpResponse(body, content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache, no-transform"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream

@@ -36,8 +36,9 @@ class FailingProvider(Provider):
 class WorkerThread:
     """A GenerationWorker on its own event loop, as in a `run_generators` process."""
 
-    def __init__(self, route_for) -> None:
+    def __init__(self, route_for, *, claim_idle_ms: int = 60_000) -> None:
         self.route_for = route_for
+        self.claim_idle_ms = claim_idle_ms
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -53,7 +54,10 @@ class WorkerThread:
         self.loop = asyncio.get_running_loop()
         self.stop = asyncio.Event()
         worker = GenerationWorker(
-            redis=aioredis.Redis.from_url(settings.REDIS_URL), concurrency=16, route_for=self.route_for
+            redis=aioredis.Redis.from_url(settings.REDIS_URL),
+            concurrency=16,
+            route_for=self.route_for,
+            claim_idle_ms=self.claim_idle_ms,
         )
         await worker.ensure_group()
         self.ready.set()

@@ -126,8 +126,11 @@ def _answers(url: str, headers: dict[str, str] | None = None) -> Callable[[], bo
 # --- the mock model ----------------------------------------------------------------------------
 
 
-def mock_start(*, workers: int, ttft_ms: float = 0.0) -> ServerGroup:
-    """``python -m chat.mock_server``, 20-token answers (its default); no delay unless ``ttft_ms``."""
+def mock_start(
+    *, workers: int, ttft_ms: float = 0.0, tokens_per_second: float = 0.0, answer_tokens: int | None = None
+) -> ServerGroup:
+    """``python -m chat.mock_server``, 20-token answers (its default) unless ``answer_tokens``; no
+    delay unless ``ttft_ms``, no pacing unless ``tokens_per_second``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process, log = _spawn(
@@ -135,7 +138,8 @@ def mock_start(*, workers: int, ttft_ms: float = 0.0) -> ServerGroup:
         [
             sys.executable,
             *("-m", "chat.mock_server", "--port", str(port), "--workers", str(workers)),
-            *("--ttft-ms", str(ttft_ms)),
+            *("--ttft-ms", str(ttft_ms), "--tokens-per-second", str(tokens_per_second)),
+            *(("--answer-tokens", str(answer_tokens)) if answer_tokens else ()),
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -225,12 +229,13 @@ def _wait_for_workers(group: ServerGroup, workers: int) -> None:
     time.sleep(3)  # each worker imports the app on start; its first requests would pay for it
 
 
-def generators_start(*, processes: int, environment: dict[str, str]) -> ServerGroup:
+def generators_start(*, processes: int, environment: dict[str, str], concurrency: int | None = None) -> ServerGroup:
     """``manage.py run_generators`` processes (one consumer group shares the jobs out)."""
     group = ServerGroup(name="parley-generators", urls=[])
+    extra = ["--concurrency", str(concurrency)] if concurrency else []
     for index in range(processes):
         process, log = _spawn(
-            f"parley-generators-{index}", [sys.executable, "manage.py", "run_generators"], env=environment
+            f"parley-generators-{index}", [sys.executable, "manage.py", "run_generators", *extra], env=environment
         )
         group.processes.append(process)
         group.logs.append(log)
