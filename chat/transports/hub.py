@@ -6,9 +6,11 @@ as many pending commands. Instead, publishers ``PUBLISH`` a notification on the 
 after each write (chat.streams), and each process's hub holds one pub/sub connection subscribed to
 the channels of the streams its clients follow. A notification marks the stream dirty; a single
 fetcher task reads every dirty stream in one non-blocking ``XREAD`` and hands the events to the
-streams' subscribers. Pub/sub may drop a message (a reconnect): a sweep re-reads every followed
-stream each ``SWEEP_SECONDS``, so an event is at worst that late, never lost. An idle client costs
-a queue and a channel subscription — no Redis connection, no pending command.
+streams' subscribers. Pub/sub may drop a message (a reconnect): every followed stream is re-read
+at once after the listener recovers, and a slow sweep (``SWEEP_SECONDS``) re-reads them anyway,
+so an event is at worst that late, never lost. The sweep is kept slow on purpose: re-reading
+5,000 idle streams every second cost a web process enough CPU to delay the live ones. An idle
+client costs a queue and a channel subscription — no Redis connection, no pending command.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tenants.redis import get_loop_redis
 
 logger = structlog.get_logger(__name__)
 
-SWEEP_SECONDS = 1.0
+SWEEP_SECONDS = 10.0
 XREAD_KEYS_PER_CALL = 500  # bounds one command's size when many streams are dirty at once
 XREAD_COUNT = 256
 
@@ -103,17 +105,20 @@ class StreamHub:
                     self.mark(channel.removesuffix(":n"))
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a dropped connection: the sweep covers the gap while it reconnects
+            except Exception:  # a dropped connection: notifications may be lost until it reconnects
                 logger.warning("stream_hub_listen_failed", exc_info=True)
                 await asyncio.sleep(0.5)
+                self._mark_all()
+
+    def _mark_all(self) -> None:
+        self.dirty.update(self.subscribers)
+        if self.dirty:
+            self.wake.set()
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            for key in list(self.subscribers):
-                self.dirty.add(key)
-            if self.dirty:
-                self.wake.set()
+            self._mark_all()
 
     async def _fetch_forever(self) -> None:
         while True:

@@ -213,7 +213,7 @@ def test_open_sse_connections_at_scale(request, tenant_pair, django_db_blocker, 
         ]
     )
     report_write(
-        name=f"sse_scale_{IDLE + STREAMING}",
+        name=f"sse_scale_{IDLE + STREAMING}_{STREAMING}",
         title=f"Open SSE connections: {IDLE + STREAMING:,} open, {STREAMING:,} streaming",
         results={
             "idle": IDLE,
