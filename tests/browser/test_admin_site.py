@@ -126,3 +126,71 @@ def test_member_cannot_see_api_keys(page, parley_server, tenant_pair, db):
         expect(page.get_by_role("heading", name="You can't do that here")).to_be_visible()
     finally:
         User.objects.filter(pk=member.pk).delete()
+
+
+def test_create_an_api_key_see_it_once_and_revoke_it(page, parley_server, tenant_pair, db):
+    from tenants.models import ApiKey
+
+    page.on("dialog", lambda dialog: dialog.accept())  # the revoke confirmation
+    sign_in(page, parley_server, tenant_pair.a, tenant_pair.owner_a.email)
+    page.get_by_role("link", name="API keys").click()
+    try:
+        page.get_by_label("Name").fill("Browser backend key")
+        page.get_by_role("button", name="Create key").click()
+
+        secret = page.locator("#new-api-key").inner_text()
+        key = ApiKey.objects.get(name="Browser backend key")
+        assert secret.startswith(key.prefix)
+        page.goto(page.url)  # shown once: gone from the next visit to the page
+        expect(page.locator("#new-api-key")).to_have_count(0)
+
+        row = page.locator("tr", has_text="Browser backend key")
+        row.get_by_role("button", name="Revoke").click()
+        expect(page.locator("tr", has_text="Browser backend key").get_by_role("button", name="Revoke")).to_have_count(0)
+        key.refresh_from_db()
+        assert key.revoked_at is not None
+        assert ApiKey.objects.filter(name="Browser backend key").count() == 1
+    finally:
+        ApiKey.objects.filter(name="Browser backend key").delete()
+
+
+def test_invite_a_member(page, parley_server, tenant_pair, db):
+    from tenants.models import Invitation
+
+    sign_in(page, parley_server, tenant_pair.a, tenant_pair.owner_a.email)
+    page.get_by_role("link", name="Members").click()
+    try:
+        page.get_by_label("Email").fill("new.colleague@example.test")
+        page.get_by_label("Role", exact=True).select_option("admin")
+        page.get_by_role("button", name="Send invitation").click()
+
+        expect(page.locator("table", has_text="new.colleague@example.test")).to_be_visible()
+        invitation = Invitation.objects.get(tenant=tenant_pair.a, email="new.colleague@example.test")
+        assert invitation.role == "admin"
+        assert invitation.accepted_at is None
+    finally:
+        Invitation.objects.filter(email="new.colleague@example.test").delete()
+
+
+MAIN_PAGES = {
+    "dashboard": "/",
+    "bots": "/bots/",
+    "knowledge": "/knowledge/",
+    "conversations": "/conversations/",
+    "api-keys": "/settings/api-keys/",
+    "members": "/settings/members/",
+    "usage": "/usage/",
+}
+
+
+def test_main_pages_render_and_are_captured(page, parley_server, tenant_pair, db):
+    """Every main page answers for an owner; screenshots go to var/screenshots (git-ignored)."""
+    from tests.browser.test_widget import SCREENSHOTS
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    sign_in(page, parley_server, tenant_pair.a, tenant_pair.owner_a.email)
+    for name, path in MAIN_PAGES.items():
+        response = page.goto(tenant_url(parley_server, tenant_pair.a, path))
+        assert response.status == 200, (name, response.status)
+        expect(page.locator("main h1").first).to_be_visible()
+        page.screenshot(path=SCREENSHOTS / f"admin-{name}.png", full_page=True)
