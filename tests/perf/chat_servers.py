@@ -247,6 +247,20 @@ def generators_start(*, processes: int, environment: dict[str, str], concurrency
     return group
 
 
+FLUSHER = (
+    "import time, django; django.setup();"
+    "from chat.memory.persistence import messages_flush\n"
+    "while True:\n    messages_flush(max_batches=10); time.sleep(1)"
+)
+
+
+def flusher_start(*, environment: dict[str, str]) -> ServerGroup:
+    """What Celery beat's ``messages_flush_task`` does in production, about every second, as one
+    process: batched persistence of the turns' messages is part of the work being measured."""
+    process, log = _spawn("parley-flusher", [sys.executable, "-c", FLUSHER], env=environment)
+    return ServerGroup(name="parley-flusher", urls=[], processes=[process], logs=[log])
+
+
 # --- LiteLLM -----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ here into database loads mid-measurement, and our flushes would break its tests.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from django.conf import settings
 from django.test import override_settings
@@ -56,3 +58,30 @@ def bench_api_key(tenant_pair: TenantPair, django_db_blocker) -> tuple[ApiKey, s
     with django_db_blocker.unblock():
         api_key.delete()
         api_key_cache_invalidate(api_key.prefix)
+
+
+@contextmanager
+def gateway_unlimited(tenant, api_key):
+    """Plan and key limits far above any load a benchmark makes (committed; restored after): the
+    benchmarks measure serving, not the rate limiter refusing them with 429."""
+    from billing.models import ApiKeyBudget, Plan
+    from tenants.models import Tenant
+
+    previous_plan_id = Tenant.objects.filter(pk=tenant.pk).values_list("plan_id", flat=True).first()
+    plan, _ = Plan.objects.update_or_create(
+        code="bench-unlimited",
+        defaults={
+            "name": "Benchmarks (no practical limits)",
+            "requests_per_minute": 1_000_000,
+            "tokens_per_minute": 1_000_000_000,
+            "included_tokens_per_month": 10**12,
+        },
+    )
+    Tenant.objects.filter(pk=tenant.pk).update(plan=plan)
+    ApiKeyBudget.objects.update_or_create(
+        api_key=api_key, defaults={"requests_per_minute": 1_000_000, "tokens_per_minute": 1_000_000_000}
+    )
+    try:
+        yield
+    finally:
+        Tenant.objects.filter(pk=tenant.pk).update(plan_id=previous_plan_id)

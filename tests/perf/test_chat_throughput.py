@@ -62,6 +62,7 @@ from tests.perf.chat_load import (
 )
 from tests.perf.chat_profile import Profile, Recorder
 from tests.perf.chat_relay import channel_layer_relay, redis_stream_relay
+from tests.perf.conftest import gateway_unlimited
 from tests.perf.reporting import (
     Distribution,
     environment_markdown,
@@ -133,8 +134,11 @@ def parley_bot(tenant_pair, django_db_blocker, mock_model):
         api_key, raw_key = make_api_key(tenant_pair.a, scopes=["chat"], name="chat throughput benchmark")
         with tenant_context(tenant_pair.a):
             bot = bot_create(name="Throughput benchmark", system_prompt="Answer briefly.", provider_route=route)
+        limits = gateway_unlimited(tenant_pair.a, api_key)
+        limits.__enter__()
     yield {"bot": bot, "raw_key": raw_key, "schema": tenant_pair.a.schema_name}
     with django_db_blocker.unblock():
+        limits.__exit__(None, None, None)
         with tenant_context(tenant_pair.a):
             _delete_conversations_of(bot)
             bot_delete(bot=Bot.objects.get(pk=bot.pk))
@@ -185,6 +189,7 @@ def systems(bench_tools, mock_model, parley_bot):
                 bench_tools["litellm"], mock_url=mock_model.urls[0]
             )
         started["generators"] = chat_servers.generators_start(processes=GENERATOR_PROCESSES, environment=environment)
+        started["flusher"] = chat_servers.flusher_start(environment=environment)
         for server in ASGI_SERVERS:
             if not chat_servers.web_server_installed(server):
                 skipped[f"parley-{server}"] = f"{server} is not installed in {chat_servers.BIN.parent}"
@@ -294,7 +299,7 @@ def _cpu_groups(name: str, groups: dict[str, chat_servers.ServerGroup], shared: 
     cpu = {"system": own}
     if _is_parley(name):
         cpu["web"] = own
-        cpu["generators"] = groups["generators"].root_pids()
+        cpu["generators"] = groups["generators"].root_pids() + groups["flusher"].root_pids()
         cpu["system"] = own + cpu["generators"]
     cpu["postgres"] = shared["postgres"]
     cpu["redis"] = shared["redis"]

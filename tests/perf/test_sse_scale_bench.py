@@ -35,15 +35,15 @@ import psutil
 import pytest
 from django_tenants.utils import tenant_context
 
-from billing.models import ApiKeyBudget, Plan
 from chat.models import Bot
 from chat.services import bot_create, bot_delete
 from chat.streams import generation_owner_key
-from tenants.models import ApiKey, Tenant
+from tenants.models import ApiKey
 from tenants.redis import get_redis
 from tests.chat.live import BASE_DIR
 from tests.factories import make_api_key
 from tests.perf import chat_servers
+from tests.perf.conftest import gateway_unlimited
 from tests.perf.reporting import Distribution, environment_markdown, markdown_table, report_write, run_environment
 from tests.perf.test_chat_throughput import _delete_conversations_of
 
@@ -66,19 +66,9 @@ def sse_deployment(tenant_pair, django_db_blocker):
     environment = chat_servers.parley_environment()
     groups: list[chat_servers.ServerGroup] = []
     with django_db_blocker.unblock():
-        previous_plan = Tenant.objects.get(pk=tenant_pair.a.pk).plan
-        plan, _ = Plan.objects.update_or_create(
-            code="bench-sse",
-            defaults={
-                "name": "Benchmark (open connections)",
-                "requests_per_minute": 1_000_000,
-                "tokens_per_minute": 1_000_000_000,
-                "included_tokens_per_month": 10**12,
-            },
-        )
-        Tenant.objects.filter(pk=tenant_pair.a.pk).update(plan=plan)
         api_key, raw_key = make_api_key(tenant_pair.a, scopes=["chat"], name="open connections benchmark")
-        ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=1_000_000, tokens_per_minute=1_000_000_000)
+        limits = gateway_unlimited(tenant_pair.a, api_key)
+        limits.__enter__()
         with tenant_context(tenant_pair.a):
             bot = bot_create(
                 name="Open connections benchmark",
@@ -108,7 +98,7 @@ def sse_deployment(tenant_pair, django_db_blocker):
                 _delete_conversations_of(bot)
                 bot_delete(bot=Bot.objects.get(pk=bot.pk))
             ApiKey.objects.filter(pk=api_key.pk).delete()
-            Tenant.objects.filter(pk=tenant_pair.a.pk).update(plan=previous_plan)
+            limits.__exit__(None, None, None)
 
 
 def _rss(pids: list[int]) -> int:
