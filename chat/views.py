@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 
-from chat import selectors, services
+from chat import selectors, services, widget
 from chat.models import Bot, Conversation, Message
 from knowledge.models import KnowledgeBase
 from tenants.errors import ValidationFailed
@@ -199,23 +199,23 @@ def bot_edit(request: HttpRequest, public_id: str) -> HttpResponse:
     return _save_bot(request, selectors.bot_get(public_id=public_id))
 
 
-@site_page()
-def bot_detail(request: HttpRequest, public_id: str) -> HttpResponse:
-    bot = selectors.bot_get(public_id=public_id)
+def _bot_detail_context(request: HttpRequest, bot: Bot) -> dict:
     base = request.build_absolute_uri("/").rstrip("/")
     static = settings.STATIC_URL.strip("/")
     snippet = f'<script src="{base}/{static}/widget/parley.js" data-bot="{bot.public_id}" async></script>'
-    return render(
-        request,
-        "site/bots/detail.html",
-        {
-            "bot": bot,
-            "snippet": snippet,
-            "knowledge_bases": list(bot.knowledge_bases.all()),
-            "route_json": json.dumps(_mask_route(bot.provider_route), indent=2),
-            "nav": "bots",
-        },
-    )
+    return {
+        "bot": bot,
+        "snippet": snippet,
+        "knowledge_bases": list(bot.knowledge_bases.all()),
+        "route_json": json.dumps(_mask_route(bot.provider_route), indent=2),
+        "nav": "bots",
+    }
+
+
+@site_page()
+def bot_detail(request: HttpRequest, public_id: str) -> HttpResponse:
+    bot = selectors.bot_get(public_id=public_id)
+    return render(request, "site/bots/detail.html", _bot_detail_context(request, bot))
 
 
 @site_page(admin=True)
@@ -227,6 +227,20 @@ def bot_delete(request: HttpRequest, public_id: str) -> HttpResponse:
         return redirect("site-bots")
     conversations = bot.conversations.count()
     return render(request, "site/bots/delete.html", {"bot": bot, "conversation_count": conversations, "nav": "bots"})
+
+
+@site_page(admin=True)
+def bot_identity_secret_rotate(request: HttpRequest, public_id: str) -> HttpResponse:
+    """A new identity-verification secret, shown in this response only (like an API key); the old
+    one stops verifying at once. POST only."""
+    bot = selectors.bot_get(public_id=public_id)
+    if request.method != "POST":
+        return redirect("site-bot", public_id=bot.public_id)
+    secret = widget.bot_identity_secret_rotate(bot=bot)
+    messages.success(request, "Identity verification is on with a new secret: the previous one no longer verifies.")
+    context = _bot_detail_context(request, bot)
+    context["new_identity_secret"] = secret
+    return render(request, "site/bots/detail.html", context)
 
 
 # --- conversations ------------------------------------------------------------------------------

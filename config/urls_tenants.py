@@ -17,6 +17,11 @@ chat_site_urlpatterns = [
     path("bots/<str:public_id>/", chat_views.bot_detail, name="site-bot"),
     path("bots/<str:public_id>/edit/", chat_views.bot_edit, name="site-bot-edit"),
     path("bots/<str:public_id>/delete/", chat_views.bot_delete, name="site-bot-delete"),
+    path(
+        "bots/<str:public_id>/identity-secret/",
+        chat_views.bot_identity_secret_rotate,
+        name="site-bot-identity-secret",
+    ),
     path("conversations/", chat_views.conversation_list, name="site-conversations"),
     path("conversations/<str:conversation_id>/", chat_views.conversation_detail, name="site-conversation"),
 ]

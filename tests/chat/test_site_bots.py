@@ -174,6 +174,48 @@ def test_member_is_refused_admin_bot_pages_and_nothing_changes(tenant_pair, meth
     assert _bots(tenant_pair.a) == [("Untouched", 1)]
 
 
+def _identity_secret(tenant, bot) -> str:
+    with tenant_context(tenant):
+        return Bot.objects.get(pk=bot.pk).identity_secret
+
+
+def test_admin_turns_identity_verification_on_and_sees_the_secret_once(tenant_pair):
+    bot = _make_bot(tenant_pair.a)
+    client = site_client(tenant_pair.a, tenant_pair.owner_a)
+
+    before = client.get(f"/bots/{bot.public_id}/").content.decode()
+    rotated = client.post(f"/bots/{bot.public_id}/identity-secret/")
+    secret = _identity_secret(tenant_pair.a, bot)
+    again = client.post(f"/bots/{bot.public_id}/identity-secret/")
+    later = client.get(f"/bots/{bot.public_id}/").content.decode()
+
+    assert "off — anonymous visitors only" in before
+    assert rotated.status_code == 200
+    assert len(secret) >= 40
+    assert f'<code id="new-identity-secret">{secret}</code>' in rotated.content.decode()
+    assert _identity_secret(tenant_pair.a, bot) not in (secret, "")  # rotated: the old one stops verifying
+    assert secret not in again.content.decode()
+    assert _identity_secret(tenant_pair.a, bot) not in later  # shown once, never on the page again
+    assert "Status: on" in later
+
+
+def test_identity_secret_is_admin_only_post_only_and_per_tenant(tenant_pair):
+    bot = _make_bot(tenant_pair.a)
+    member = make_member(tenant_pair.a, role="member")
+    path = f"/bots/{bot.public_id}/identity-secret/"
+
+    refused = site_client(tenant_pair.a, member).post(path)
+    detail = site_client(tenant_pair.a, member).get(f"/bots/{bot.public_id}/").content.decode()
+    other_tenant = site_client(tenant_pair.b, tenant_pair.owner_b).post(path)
+    by_get = site_client(tenant_pair.a, tenant_pair.owner_a).get(path)
+
+    assert refused.status_code == 403
+    assert "Identity verification" not in detail
+    assert other_tenant.status_code == 404
+    assert by_get.status_code == 302
+    assert _identity_secret(tenant_pair.a, bot) == ""
+
+
 def test_member_sees_bots_read_only(tenant_pair):
     bot = _make_bot(tenant_pair.a)
     member = make_member(tenant_pair.a, role="member")
