@@ -10,8 +10,8 @@ from asgiref.sync import async_to_sync
 from django.test import Client
 from django_tenants.utils import tenant_context
 
-from chat.mock_server import ANSWER_TEXT
 from chat.memory.persistence import messages_flush
+from chat.mock_server import ANSWER_TEXT
 from chat.models import Bot, Message
 from tests.factories import bearer
 
