@@ -30,7 +30,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from tenants.redis import get_loop_redis, get_redis
+from tenants.redis import get_loop_redis, get_redis, stream_batch_read
 
 logger = structlog.get_logger(__name__)
 
@@ -238,29 +238,14 @@ def _tenant_ids(schemas: set[str]) -> dict[str, int]:
 # --- flushing (Celery beat) ---------------------------------------------------------------------
 
 
-def _ensure_group(client: redis.Redis) -> None:
-    try:
-        client.xgroup_create(_stream(), USAGE_GROUP, id="0", mkstream=True)
-    except redis.exceptions.ResponseError as error:
-        if "BUSYGROUP" not in str(error):
-            raise
-
-
 def _read(client: redis.Redis, *, consumer: str, batch_size: int) -> list[tuple[bytes, dict]]:
     """Stale entries of dead flushers first, then new ones."""
     idle_ms = int(getattr(settings, "BILLING_USAGE_CLAIM_IDLE_SECONDS", DEFAULT_CLAIM_IDLE_SECONDS) * 1000)
-    claimed = client.xautoclaim(_stream(), USAGE_GROUP, consumer, min_idle_time=idle_ms, count=batch_size)
-    entries = [entry for entry in claimed[1] if entry and entry[1]]
-    # Entries trimmed from the stream while pending (MAXLEN) come back as ids only: forget them.
-    deleted = claimed[2] if len(claimed) > 2 else []
-    if deleted:
-        logger.error("usage_entries_trimmed_before_flush", count=len(deleted))
-        client.xack(_stream(), USAGE_GROUP, *deleted)
-    room = batch_size - len(entries)
-    if room > 0:
-        response = client.xreadgroup(USAGE_GROUP, consumer, {_stream(): ">"}, count=room)
-        for _stream_name, new_entries in response or []:
-            entries += new_entries
+    entries, trimmed = stream_batch_read(
+        client, _stream(), USAGE_GROUP, consumer=consumer, batch_size=batch_size, claim_idle_ms=idle_ms
+    )
+    if trimmed:  # entries trimmed from the stream while pending (MAXLEN): lost usage
+        logger.error("usage_entries_trimmed_before_flush", count=len(trimmed))
     return entries
 
 
@@ -286,13 +271,7 @@ def usage_flush(*, batch_size: int = 1000, consumer: str | None = None, max_batc
 
 def _flush_batch(client: redis.Redis, *, consumer: str, batch_size: int) -> tuple[int, int]:
     """One batch: (entries read, rows written)."""
-    try:
-        entries = _read(client, consumer=consumer, batch_size=batch_size)
-    except redis.exceptions.ResponseError as error:
-        if "NOGROUP" not in str(error):
-            raise
-        _ensure_group(client)
-        entries = _read(client, consumer=consumer, batch_size=batch_size)
+    entries = _read(client, consumer=consumer, batch_size=batch_size)
     if not entries:
         return 0, 0
 

@@ -245,12 +245,9 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
             is_streamed=is_streamed,
             caller=caller_of(request, bot=conversation.bot),
         )
-        headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
         if is_streamed:
-            layer = turns.turn_cache_layer(stream_key=started.stream_key)
-            if layer is not None:
-                headers["X-Parley-Cache"] = layer
-            return sse_response(event_stream(started.stream_key), headers=headers)
+            return sse_response(event_stream(started.stream_key), headers=turns.streamed_turn_headers(started))
+        headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
         outcome = turns.turn_wait(stream_key=started.stream_key)
         if outcome.error is not None:
             raise outcome.error

@@ -327,7 +327,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     # The web side holds an SSE response's headers for this event (X-Parley-Cache).
     await publisher.announce(STARTED_EVENT, {"cache": hit.layer if hit is not None else "miss"})
     if hit is not None:
-        await _serve_cached(hit, publisher, outcome, started)
+        outcome = await _serve_cached(hit, publisher, started)
     else:
         sources = await in_tenant(job.schema_name, retrieve_sources, inputs)
         request = build_request(job, inputs, sources)
@@ -351,7 +351,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     outcome.message_id = await save_answer(job, outcome, redis)
     if inputs.needs_summary and outcome.error is None:
         await _summary_request(job)
-    _record_metrics(job, outcome)
+    record_metrics(job, outcome)
     if job.gateway is not None:
         await _settle(job, outcome)
     if outcome.error is not None:
@@ -366,28 +366,46 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
             },
         )
     else:
-        usage = outcome.usage
-        await publisher.close(
-            "done",
-            {
-                "message_id": outcome.message_id,
-                "finish_reason": outcome.finish_reason,
-                "usage": {
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.total_tokens,
-                }
-                if usage
-                else None,
-                "provider": (usage.target or usage.provider) if usage else "",
-                "model": usage.model if usage else "",
-                "ttft_ms": outcome.ttft_ms,
-                "total_ms": round(outcome.total_ms, 2),
-                "cached": bool(outcome.cache_layer),
-                "cache_layer": outcome.cache_layer or "miss",
-            },
-        )
+        await publisher.close("done", done_event(outcome))
     return outcome
+
+
+def done_event(outcome: TurnOutcome) -> dict[str, Any]:
+    """The ``done`` event's data (the worker's and the web edge's cached answers alike)."""
+    usage = outcome.usage
+    return {
+        "message_id": outcome.message_id,
+        "finish_reason": outcome.finish_reason,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+        if usage
+        else None,
+        "provider": (usage.target or usage.provider) if usage else "",
+        "model": usage.model if usage else "",
+        "ttft_ms": outcome.ttft_ms,
+        "total_ms": round(outcome.total_ms, 2),
+        "cached": bool(outcome.cache_layer),
+        "cache_layer": outcome.cache_layer or "miss",
+    }
+
+
+def settlement(job: TurnJob, outcome: TurnOutcome) -> dict[str, Any]:
+    """What ``gateway.settle`` / ``settle_sync`` record for a finished turn."""
+    usage = outcome.usage
+    return {
+        "schema_name": job.schema_name,
+        "event_id": outcome.message_id or job.generation_id,
+        "provider": ((usage.target or usage.provider) if usage else "") or "",
+        "model": (usage.model if usage else "") or "",
+        "tokens_in": usage.prompt_tokens if usage else 0,
+        "tokens_out": usage.completion_tokens if usage else 0,
+        "cache_layer": outcome.cache_layer,
+        "latency_ms": outcome.total_ms,
+        "ttft_ms": outcome.ttft_ms,
+    }
 
 
 # --- the response cache (chat.cache) -----------------------------------------------------------
@@ -459,26 +477,36 @@ async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOu
 _CACHED_PIECE = re.compile(r"\s*\S+\s*")
 
 
-async def _serve_cached(hit: cache.CachedAnswer, publisher: CoalescingPublisher, outcome, started: float) -> None:
+def cached_outcome(hit: cache.CachedAnswer, started: float) -> TurnOutcome:
+    """A cache hit as a turn's outcome (the worker streams it; the web edge answers with it)."""
+    usage = hit.usage or {}
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+    return TurnOutcome(
+        text=hit.text,
+        citations=list(hit.citations),
+        usage=Usage(
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            finish_reason="stop",
+            provider="cache",
+            model=str(usage.get("model", "")),
+            target=f"cache:{hit.layer}",
+        ),
+        finish_reason="stop",
+        ttft_ms=elapsed_ms,
+        total_ms=elapsed_ms,
+        cache_layer=hit.layer,
+    )
+
+
+async def _serve_cached(hit: cache.CachedAnswer, publisher: CoalescingPublisher, started: float) -> TurnOutcome:
     """The stored answer through the same events as a generated one (tokens, citations, done)."""
-    outcome.cache_layer = hit.layer
-    outcome.ttft_ms = round((time.perf_counter() - started) * 1000, 2)
-    for citation in hit.citations:
-        outcome.citations.append(citation)
+    outcome = cached_outcome(hit, started)
+    for citation in outcome.citations:
         await publisher.add("citation", citation)
     for piece in _CACHED_PIECE.findall(hit.text):
         await publisher.add("token", {"text": piece})
-    outcome.text = hit.text
-    usage = hit.usage or {}
-    outcome.usage = Usage(
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
-        finish_reason="stop",
-        provider="cache",
-        model=str(usage.get("model", "")),
-        target=f"cache:{hit.layer}",
-    )
-    outcome.finish_reason = "stop"
+    return outcome
 
 
 async def _summary_request(job: TurnJob) -> None:
@@ -497,25 +525,13 @@ async def _summary_request(job: TurnJob) -> None:
 async def _settle(job: TurnJob, outcome: TurnOutcome) -> None:
     """Budget settlement, the per-minute token charge and metering. Bookkeeping must not fail an
     answer already given: a failure here is logged (the reservation then expires on its own)."""
-    usage = outcome.usage
     try:
-        await gateway.settle(
-            job.gateway,
-            schema_name=job.schema_name,
-            event_id=outcome.message_id or job.generation_id,
-            provider=((usage.target or usage.provider) if usage else "") or "",
-            model=(usage.model if usage else "") or "",
-            tokens_in=usage.prompt_tokens if usage else 0,
-            tokens_out=usage.completion_tokens if usage else 0,
-            cache_layer=outcome.cache_layer,
-            latency_ms=outcome.total_ms,
-            ttft_ms=outcome.ttft_ms,
-        )
+        await gateway.settle(job.gateway, **settlement(job, outcome))
     except Exception:
         logger.exception("turn_settle_failed", generation_id=job.generation_id)
 
 
-def _record_metrics(job: TurnJob, outcome: TurnOutcome) -> None:
+def record_metrics(job: TurnJob, outcome: TurnOutcome) -> None:
     tenant = job.schema_name
     label = "error" if outcome.error else ("cancelled" if outcome.finish_reason == "cancelled" else "ok")
     metrics.TURNS.labels(tenant, label).inc()

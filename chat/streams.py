@@ -148,7 +148,7 @@ class CoalescingPublisher:
             self._last_write = time.monotonic()
 
 
-def _decode(entry_id: bytes | str, fields: dict) -> StreamEvent:
+def decode_event(entry_id: bytes | str, fields: dict) -> StreamEvent:
     return StreamEvent(
         id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
         type=fields[b"type"].decode(),
@@ -168,7 +168,7 @@ async def read(
             yield None
             continue
         for entry_id, fields in response[0][1]:
-            event = _decode(entry_id, fields)
+            event = decode_event(entry_id, fields)
             last = event.id
             yield event
             if event.is_terminal:

@@ -19,7 +19,7 @@ from redis import exceptions as redis_exceptions
 
 from chat import cache, engine, gateway
 from chat.cache import CachedAnswer
-from chat.engine import TurnJob
+from chat.engine import TurnJob, TurnOutcome
 from chat.gateway import Admission, Caller, admit
 from chat.memory import persistence
 from chat.memory.records import record_of, timestamp_of
@@ -204,10 +204,11 @@ def _enqueue(
         pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
         pipe.execute()
     else:
-        answer = _answer_from_cache(pipe, job, conversation, hit, started_at)
+        outcome = _answer_from_cache(pipe, job, hit, started_at)
         pipe.execute()
+        engine.record_metrics(job, outcome)
         if admission is not None:
-            _settle_cached(job, answer, started_at)
+            _settle_cached(job, outcome)
     return StartedTurn(
         generation_id=generation_id,
         conversation=conversation,
@@ -241,75 +242,32 @@ def _edge_exact_hit(job: TurnJob, conversation: Conversation, earlier: list[dict
         return None
 
 
-def _answer_from_cache(pipe, job: TurnJob, conversation: Conversation, hit: CachedAnswer, started_at: float) -> Message:
-    """Queue the cached answer's message and its events (the worker's own event types) on ``pipe``."""
-    elapsed_ms = round((time.perf_counter() - started_at) * 1000, 2)
-    usage = hit.usage or {}
-    tokens_in, tokens_out = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    answer = Message(
-        conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        content=hit.text,
-        generation_id=job.generation_id,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
-        ttft_ms=elapsed_ms,
-        total_ms=elapsed_ms,
-        provider=f"cache:{hit.layer}",
-        model=str(usage.get("model", "")),
-        citations=hit.citations,
-        finish_reason="stop",
-        is_cached=True,
-        cache_layer=hit.layer,
-    )
+def _answer_from_cache(pipe, job: TurnJob, hit: CachedAnswer, started_at: float) -> TurnOutcome:
+    """Queue the cached answer's message and its events (the worker's own, chat.engine) on ``pipe``."""
+    outcome = engine.cached_outcome(hit, started_at)
+    answer = engine.answer_message(job, outcome)
+    outcome.message_id = str(answer.pk)
     persistence.queue_on(
         pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record_of(answer)]
     )
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
-    events = [(STARTED_EVENT, {"cache": hit.layer}), *(("citation", citation) for citation in hit.citations)]
-    events.append(("token", {"text": hit.text}))
-    events.append(
-        (
-            "done",
-            {
-                "message_id": str(answer.pk),
-                "finish_reason": "stop",
-                "usage": {
-                    "prompt_tokens": tokens_in,
-                    "completion_tokens": tokens_out,
-                    "total_tokens": tokens_in + tokens_out,
-                },
-                "provider": answer.provider,
-                "model": answer.model,
-                "ttft_ms": elapsed_ms,
-                "total_ms": elapsed_ms,
-                "cached": True,
-                "cache_layer": hit.layer,
-            },
-        )
-    )
+    events = [
+        (STARTED_EVENT, {"cache": hit.layer}),
+        *(("citation", citation) for citation in outcome.citations),
+        ("token", {"text": outcome.text}),
+        ("done", engine.done_event(outcome)),
+    ]
     for event_type, data in events:
         pipe.xadd(stream_key, {"type": event_type, "data": json.dumps(data, separators=(",", ":"))})
     pipe.publish(notify_channel(stream_key), b"")
-    return answer
+    return outcome
 
 
-def _settle_cached(job: TurnJob, answer: Message, started_at: float) -> None:
+def _settle_cached(job: TurnJob, outcome: TurnOutcome) -> None:
     """Bookkeeping must not fail an answer already given: a failure is logged (the reservation
     then expires on its own)."""
     try:
-        gateway.settle_sync(
-            job.gateway,
-            schema_name=job.schema_name,
-            event_id=str(answer.pk),
-            provider=answer.provider,
-            model=answer.model,
-            tokens_in=answer.tokens_in or 0,
-            tokens_out=answer.tokens_out or 0,
-            cache_layer=answer.cache_layer,
-            latency_ms=(time.perf_counter() - started_at) * 1000,
-            ttft_ms=answer.ttft_ms,
-        )
+        gateway.settle_sync(job.gateway, **engine.settlement(job, outcome))
     except Exception:
         logger.exception("edge_cache_settle_failed", generation_id=job.generation_id)
 
@@ -359,6 +317,16 @@ def turn_cache_layer(*, stream_key: str, timeout_ms: int = CACHE_HEADER_WAIT_MS)
                 if fields[b"type"] in (b"done", b"error"):
                     return None
     return None
+
+
+def streamed_turn_headers(started: StartedTurn) -> dict[str, str]:
+    """An SSE response's headers for a started turn: its generation id, the gateway's rate-limit
+    headers, and ``X-Parley-Cache`` once the worker (or the edge) has decided."""
+    headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
+    layer = turn_cache_layer(stream_key=started.stream_key)
+    if layer is not None:
+        headers["X-Parley-Cache"] = layer
+    return headers
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,3 +80,40 @@ def tenant_keys_purge(schema_name: str) -> int:
     if batch:
         deleted += client.unlink(*batch)
     return deleted
+
+
+# --- consumer groups for the batch writers (usage metering, message persistence) ---------------
+
+
+def stream_group_ensure(client: redis.Redis, stream: str, group: str) -> None:
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.exceptions.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
+
+
+def stream_batch_read(
+    client: redis.Redis, stream: str, group: str, *, consumer: str, batch_size: int, claim_idle_ms: int
+) -> tuple[list[tuple[bytes, dict]], list[bytes]]:
+    """A batch for ``consumer``: first the entries of consumers that died before acknowledging
+    (pending longer than ``claim_idle_ms``), then new ones. Returns (entries, ids of pending
+    entries trimmed from the stream meanwhile — already acknowledged here). Creates the group on
+    first use."""
+    try:
+        claimed = client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle_ms, count=batch_size)
+    except redis.exceptions.ResponseError as error:
+        if "NOGROUP" not in str(error):
+            raise
+        stream_group_ensure(client, stream, group)
+        claimed = client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle_ms, count=batch_size)
+    entries = [entry for entry in claimed[1] if entry and entry[1]]
+    trimmed = list(claimed[2]) if len(claimed) > 2 else []
+    if trimmed:
+        client.xack(stream, group, *trimmed)
+    room = batch_size - len(entries)
+    if room > 0:
+        response = client.xreadgroup(group, consumer, {stream: ">"}, count=room)
+        for _stream_name, new_entries in response or []:
+            entries += new_entries
+    return entries, trimmed

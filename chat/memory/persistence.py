@@ -31,7 +31,7 @@ from django_tenants.utils import schema_context
 from chat.memory import hot_store
 from chat.memory import records as message_records
 from chat.models import Conversation, Message
-from tenants.redis import get_loop_redis, get_redis
+from tenants.redis import get_loop_redis, get_redis, stream_batch_read
 
 logger = structlog.get_logger(__name__)
 
@@ -193,26 +193,6 @@ def _columns_of(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
 # --- flushing (Celery beat) --------------------------------------------------------------------
 
 
-def _ensure_group(client: redis.Redis) -> None:
-    try:
-        client.xgroup_create(WRITE_STREAM, FLUSH_GROUP, id="0", mkstream=True)
-    except redis.exceptions.ResponseError as error:
-        if "BUSYGROUP" not in str(error):
-            raise
-
-
-def _read(client: redis.Redis, *, consumer: str, batch_size: int, claim_idle_ms: int) -> list[tuple[bytes, dict]]:
-    """Entries of dead flushers first, then new ones."""
-    claimed = client.xautoclaim(WRITE_STREAM, FLUSH_GROUP, consumer, min_idle_time=claim_idle_ms, count=batch_size)
-    entries = [entry for entry in claimed[1] if entry and entry[1]]
-    room = batch_size - len(entries)
-    if room > 0:
-        response = client.xreadgroup(FLUSH_GROUP, consumer, {WRITE_STREAM: ">"}, count=room)
-        for _stream_name, new_entries in response or []:
-            entries += new_entries
-    return entries
-
-
 def messages_flush(
     *,
     batch_size: int | None = None,
@@ -232,13 +212,9 @@ def messages_flush(
     client = get_redis()
     written = 0
     for _batch in range(max_batches):
-        try:
-            entries = _read(client, consumer=consumer, batch_size=batch_size, claim_idle_ms=int(idle * 1000))
-        except redis.exceptions.ResponseError as error:
-            if "NOGROUP" not in str(error):
-                raise
-            _ensure_group(client)
-            entries = _read(client, consumer=consumer, batch_size=batch_size, claim_idle_ms=int(idle * 1000))
+        entries, _trimmed = stream_batch_read(
+            client, WRITE_STREAM, FLUSH_GROUP, consumer=consumer, batch_size=batch_size, claim_idle_ms=int(idle * 1000)
+        )
         if not entries:
             break
         written += _write_entries(client, entries)

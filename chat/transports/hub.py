@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
-from chat.streams import StreamEvent, _decode, notify_channel
+from chat.streams import StreamEvent, decode_event, notify_channel
 from tenants.redis import get_loop_redis
 
 logger = structlog.get_logger(__name__)
@@ -148,7 +148,7 @@ class StreamHub:
         response = await self.redis.xread(positions, count=XREAD_COUNT)
         for raw_key, entries in response or []:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            events = [_decode(entry_id, fields) for entry_id, fields in entries]
+            events = [decode_event(entry_id, fields) for entry_id, fields in entries]
             for subscription in list(self.subscribers.get(key, ())):
                 last = _id_tuple(subscription.last)
                 for event in events:

@@ -129,11 +129,7 @@ class ChatCompletionsApi(TenantAPIView):
                 model=bot.public_id,
                 include_usage=include_usage,
             )
-            headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
-            layer = turns.turn_cache_layer(stream_key=started.stream_key)
-            if layer is not None:
-                headers["X-Parley-Cache"] = layer
-            return sse_response(body, headers=headers)
+            return sse_response(body, headers=turns.streamed_turn_headers(started))
         waited = turns.turn_wait(stream_key=started.stream_key)
         if waited.error is not None:
             raise waited.error

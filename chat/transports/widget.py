@@ -292,11 +292,7 @@ class MessageListApi(EventStreamNegotiationMixin, WidgetAPIView):
             is_streamed=True,
             caller=caller_for(tenant=request.tenant, bot=self.bot, api_key_id=None, end_user=self.visitor.end_user),
         )
-        headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
-        layer = turns.turn_cache_layer(stream_key=started.stream_key)
-        if layer is not None:
-            headers["X-Parley-Cache"] = layer
-        return sse_response(event_stream(started.stream_key), headers=headers)
+        return sse_response(event_stream(started.stream_key), headers=turns.streamed_turn_headers(started))
 
 
 class GenerationEventsApi(EventStreamNegotiationMixin, WidgetAPIView):

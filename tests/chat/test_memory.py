@@ -18,7 +18,7 @@ from chat.memory.records import record_of, timestamp_of
 from chat.memory.summaries import conversation_summarise
 from chat.models import Bot, Conversation, Message
 from chat.services import bot_create, conversation_create, conversations_purge_expired
-from tenants.redis import get_redis
+from tenants.redis import get_redis, stream_group_ensure
 
 pytestmark = pytest.mark.django_db
 
@@ -159,7 +159,7 @@ def test_a_dead_flushers_batch_is_claimed_and_written_once(tenant_pair, conversa
     messages = _turns(conversation, 2)
     _queue(tenant_pair.a, conversation, messages)
     client = get_redis()
-    persistence._ensure_group(client)
+    stream_group_ensure(client, WRITE_STREAM, persistence.FLUSH_GROUP)
     # A flusher read the batch, wrote half of it, and died before acknowledging.
     client.xreadgroup(persistence.FLUSH_GROUP, "dead-flusher", {WRITE_STREAM: ">"}, count=100)
     persistence.messages_write(schema_name=tenant_pair.a.schema_name, records=[record_of(m) for m in messages[:2]])
