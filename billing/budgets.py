@@ -43,6 +43,7 @@ from django.conf import settings
 from django.db.models import F, OuterRef, Subquery, Sum
 
 from billing.models import ApiKeyBudget, BudgetAlert, Plan, TenantBilling, UsageDaily, UsageRecord
+from tenants.config_epoch import EpochCache
 from tenants.errors import ParleyError
 from tenants.redis import get_loop_redis, get_redis, tenant_key
 
@@ -222,6 +223,22 @@ def billing_policy_get(*, tenant, api_key_id: int | None, end_user: str) -> Bill
         key_tokens_per_minute=getattr(row, "key_tpm", None),
         budgets=limits,
     )
+
+
+_policies = EpochCache()
+
+
+async def billing_policy_cached(*, tenant, api_key_id: int | None, end_user: str, epoch: bytes) -> BillingPolicy:
+    """``billing_policy_get`` for the hot path: read once per configuration epoch and process
+    (tenants.config_epoch), so a plan or budget change still applies from the next request."""
+    key = (tenant.pk, api_key_id, end_user)
+    policy = _policies.get(epoch, key)
+    if policy is None:
+        policy = await sync_to_async(billing_policy_get, thread_sensitive=True)(
+            tenant=tenant, api_key_id=api_key_id, end_user=end_user
+        )
+        _policies.put(epoch, key, policy)
+    return policy
 
 
 def budget_limits_for(*, tenant, api_key_id: int | None, end_user: str) -> list[BudgetLimit]:

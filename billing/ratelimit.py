@@ -417,3 +417,21 @@ def auth_failures_exceeded(*, identity: str, now_ms: float | None = None) -> flo
     if reply is None or int(reply[0]):
         return None
     return int(reply[2]) / 1e6
+
+
+async def auth_failure_register_async(*, identity: str) -> None:
+    """``auth_failure_register`` on the event loop's client (the async edge)."""
+    args = _auth_failure_args("charge", None)
+    if args is not None:
+        await _evaluate_async("auth_failure_register", [auth_failure_key(identity)], args)
+
+
+async def auth_failures_exceeded_async(*, identity: str) -> float | None:
+    """``auth_failures_exceeded`` on the event loop's client (the async edge)."""
+    args = _auth_failure_args("peek", None)
+    reply = (
+        None if args is None else await _evaluate_async("auth_failures_exceeded", [auth_failure_key(identity)], args)
+    )
+    if reply is None or int(reply[0]):
+        return None
+    return int(reply[2]) / 1e6

@@ -14,6 +14,7 @@ from billing.budgets import month_bounds
 from billing.models import ApiKeyBudget, BillingEvent, Invoice, Plan, TenantBilling
 from billing.providers import PAYMENT_FAILED, PAYMENT_SUCCEEDED, WebhookEvent
 from billing.selectors import invoice_compute
+from tenants.config_epoch import config_changed
 from tenants.errors import Conflict, ValidationFailed
 
 logger = structlog.get_logger(__name__)
@@ -85,6 +86,7 @@ def tenant_plan_change(*, tenant, plan: Plan) -> None:
     from tenants.resolution import tenant_cache_invalidate
 
     Tenant.objects.filter(pk=tenant.pk).update(plan=plan)
+    config_changed()  # the gateway's cached policy (an update() sends no signal)
     tenant.plan = plan
     transaction.on_commit(lambda: tenant_cache_invalidate(tenant))
 

@@ -410,6 +410,19 @@ def exact_lookup(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any
     return _answer(payload, layer="exact", similarity=None)
 
 
+async def exact_lookup_async(
+    scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis: aioredis.Redis
+) -> CachedAnswer | None:
+    """``exact_lookup`` on an asyncio client (the async edge)."""
+    if not _resolved(cache_settings)["enabled"]:
+        return None
+    payload = await redis.get(_prefix(scope.schema_name) + _exact_member(exact))
+    if payload is None:
+        return None
+    LOOKUPS.labels(scope.schema_name, "exact", "hit").inc()
+    return _answer(payload, layer="exact", similarity=None)
+
+
 @dataclass(frozen=True, slots=True)
 class _ScopeVectors:
     generation: bytes

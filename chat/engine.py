@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from asgiref.sync import sync_to_async
 
-from chat import cache, gateway, metrics, selectors
+from chat import cache, gateway, metrics, selectors, snapshots
 from chat.memory import history, hot_store, persistence
 from chat.memory.records import record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
@@ -29,6 +29,7 @@ from chat.providers.base import ChatRequest, Citation, Delta, Provider, Provider
 from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generation_stream_key
 from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
+from tenants.config_epoch import epoch_async
 
 logger = structlog.get_logger(__name__)
 
@@ -52,6 +53,9 @@ class TurnJob:
     is_streamed: bool = True  # the client watches tokens arrive (SSE, WebSocket, stream=true)
     # The gateway's admission ticket (chat.gateway): budget reservation, limits to charge, metering ids.
     gateway: dict | None = None
+    # What the worker would otherwise query the conversation for: {"bot_id", "summary",
+    # "summary_until_ts"}. With it (and the bot's snapshot, chat.snapshots) a turn needs no SQL.
+    context: dict | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,7 @@ class TurnJob:
             "overrides": self.overrides,
             "is_streamed": self.is_streamed,
             "gateway": self.gateway,
+            "context": self.context,
         }
 
 
@@ -138,8 +143,17 @@ def inputs_for(job: TurnJob, conversation: Conversation, earlier: list[dict[str,
     """A turn's inputs from the conversation (with its bot) and its earlier messages as records:
     the generation worker reads them from the hot store; the web side, for the response cache at
     the edge, has them in hand. One query (the bot's knowledge bases)."""
-    bot: Bot = conversation.bot
-    knowledge = sorted(bot.knowledge_bases.values_list("pk", "version"))
+    snapshot = snapshots.snapshot_of(conversation.bot, schema_name=job.schema_name)
+    return inputs_from(
+        job, snapshot, earlier, summary=conversation.summary, summary_until_ts=conversation.summary_until_ts
+    )
+
+
+def inputs_from(
+    job: TurnJob, bot: snapshots.BotSnapshot, earlier: list[dict[str, Any]], *, summary: str, summary_until_ts: int
+) -> TurnInputs:
+    """A turn's inputs from the bot's snapshot, the conversation's summary and its earlier messages."""
+    knowledge = bot.knowledge
     generation = {**bot.generation, **job.overrides}
     budget = history.history_budget(
         context_tokens=generation.get("context_tokens", history.DEFAULT_CONTEXT_TOKENS),
@@ -152,8 +166,8 @@ def inputs_for(job: TurnJob, conversation: Conversation, earlier: list[dict[str,
         records=earlier,
         window_turns=bot.history_window,
         budget=max(0, budget - (SOURCES_TOKENS_RESERVED if knowledge else 0)),
-        summary=conversation.summary,
-        summary_until_ts=conversation.summary_until_ts,
+        summary=summary,
+        summary_until_ts=summary_until_ts,
     )
     return TurnInputs(
         bot_id=bot.pk,
@@ -164,9 +178,37 @@ def inputs_for(job: TurnJob, conversation: Conversation, earlier: list[dict[str,
         knowledge_base_ids=[pk for pk, _ in knowledge],
         history=chosen.messages,
         user_content=job.user_content,
-        cache=bot.cache or {},
+        cache=bot.cache,
         knowledge_signature=",".join(f"{pk}:{version}" for pk, version in knowledge),
         needs_summary=chosen.needs_summary,
+    )
+
+
+async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
+    """``load_inputs`` without SQL when the job carries its conversation's context and the hot
+    store holds the conversation (the usual case): the bot from its snapshot, the history from
+    Redis. Otherwise (an old job, a cold conversation, full replay past the store) the ORM path."""
+    context = job.context
+    if context is None or not job.user_message_ts:
+        return await in_tenant(job.schema_name, load_inputs, job)
+    epoch = await epoch_async(redis)
+    bot = await snapshots.bot_snapshot_get(schema_name=job.schema_name, epoch=epoch, bot_id=context["bot_id"])
+    if bot is None:  # deleted meanwhile: the ORM path reports it as it always has
+        return await in_tenant(job.schema_name, load_inputs, job)
+    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
+        limit = min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1)
+    else:
+        limit = hot_store.capacity()
+    records = await hot_store.hot_recent_if_complete(
+        schema_name=job.schema_name, conversation_id=job.conversation_id, limit=limit, client=redis
+    )
+    if records is None or (bot.history_strategy == Bot.HistoryStrategy.FULL and len(records) >= hot_store.capacity()):
+        return await in_tenant(job.schema_name, load_inputs, job)
+    earlier = [
+        record for record in records if record["id"] != job.user_message_id and record["ts"] <= job.user_message_ts
+    ]
+    return inputs_from(
+        job, bot, earlier, summary=context.get("summary", ""), summary_until_ts=context.get("summary_until_ts", 0)
     )
 
 
@@ -320,7 +362,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
     started = time.perf_counter()
     outcome = TurnOutcome()
-    inputs = await in_tenant(job.schema_name, load_inputs, job)
+    inputs = await load_inputs_async(job, redis)
     publisher = CoalescingPublisher(redis, stream_key)
     lookup = cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
@@ -329,7 +371,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     if hit is not None:
         outcome = await _serve_cached(hit, publisher, started)
     else:
-        sources = await in_tenant(job.schema_name, retrieve_sources, inputs)
+        sources = await in_tenant(job.schema_name, retrieve_sources, inputs) if inputs.knowledge_base_ids else []
         request = build_request(job, inputs, sources)
         try:
             await _stream_answer(

@@ -26,8 +26,10 @@ from billing.budgets import (
     BillingPolicy,
     BudgetExceeded,
     Reservation,
+    billing_policy_cached,
     billing_policy_get,
     budget_reserve,
+    budget_reserve_async,
     budget_settle,
     budget_settle_async,
 )
@@ -36,6 +38,7 @@ from billing.ratelimit import (
     Limit,
     RateLimited,
     rate_limit,
+    rate_limit_async,
     rate_limit_headers,
     tokens_charge,
     tokens_charge_async,
@@ -155,6 +158,35 @@ def admit(*, caller: Caller, prompt_chars: int, max_tokens: int | None) -> Admis
         # Refused before any work: give the estimate back to the per-minute token limits.
         tokens_charge(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
         raise
+    return _admission(caller, decision, estimate, reservation, token_limits)
+
+
+async def admit_async(*, caller: Caller, prompt_chars: int, max_tokens: int | None, epoch: bytes) -> Admission:
+    """``admit`` for the async edge: the same checks, on the event loop's Redis client, with the
+    billing policy read once per configuration epoch (no SQL on the hot path)."""
+    schema_name = caller.tenant.schema_name
+    estimate = estimate_tokens(prompt_chars=prompt_chars, max_tokens=max_tokens)
+    policy = await billing_policy_cached(
+        tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user, epoch=epoch
+    )
+    limits = _rate_limits(caller, policy)
+    decision = await rate_limit_async(schema_name=schema_name, limits=limits, costs={"requests": 1, "tokens": estimate})
+    if not decision.allowed:
+        raise RateLimited.from_decision(decision)
+    token_limits = [limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0]
+    try:
+        reservation = await budget_reserve_async(
+            tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=uuid.uuid4().hex
+        )
+    except BudgetExceeded:
+        await tokens_charge_async(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
+        raise
+    return _admission(caller, decision, estimate, reservation, token_limits)
+
+
+def _admission(
+    caller: Caller, decision, estimate: int, reservation: Reservation, token_limits: list[Limit]
+) -> Admission:
     return Admission(
         headers=rate_limit_headers(decision),
         ticket={

@@ -17,6 +17,7 @@ from chat.gateway import validate_rate_limits
 from chat.models import Bot, Conversation, Message, default_generation, default_provider_route
 from chat.providers.registry import validate_route_config
 from knowledge.models import KnowledgeBase
+from tenants.config_epoch import config_changed
 from tenants.errors import ValidationFailed
 from tenants.models import PublicBot
 from tenants.resolution import public_bot_cache_invalidate
@@ -172,6 +173,7 @@ def bot_update(*, bot: Bot, **changes: Any) -> Bot:
     bot.save()
     if answer_changed:
         Bot.objects.filter(pk=bot.pk).update(version=F("version") + 1)
+        config_changed()  # an update() sends no signal (chat.snapshots)
         bot.refresh_from_db(fields=["version"])
     return bot
 

@@ -25,6 +25,7 @@ from chat.memory import persistence
 from chat.memory.records import record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
+from chat.snapshots import BotSnapshot
 from chat.streams import (
     JOBS_STREAM,
     STARTED_EVENT,
@@ -130,16 +131,7 @@ def turn_start_from_messages(
         title=messages[-1]["content"].strip()[:80],
         last_message_at=now,
     )
-    rows = [
-        Message(
-            conversation=conversation,
-            role="system" if item["role"] == "developer" else item["role"],
-            content=item["content"],
-            created_at=now + timedelta(microseconds=index),
-        )
-        for index, item in enumerate(messages)
-    ]
-    rows[-1].generation_id = generation_id
+    rows = _message_rows(conversation.pk, messages, generation_id=generation_id, now=now)
     return _enqueue(
         earlier=[record_of(row) for row in rows[:-1]],
         conversation=conversation,
@@ -150,6 +142,153 @@ def turn_start_from_messages(
         admission=admission,
         is_new_conversation=True,
     )
+
+
+def _message_rows(conversation_id, messages: list[dict], *, generation_id: str, now) -> list[Message]:
+    """A stateless caller's exchange as messages of its conversation, the last one the new turn's."""
+    rows = [
+        Message(
+            conversation_id=conversation_id,
+            role="system" if item["role"] == "developer" else item["role"],
+            content=item["content"],
+            created_at=now + timedelta(microseconds=index),
+        )
+        for index, item in enumerate(messages)
+    ]
+    rows[-1].generation_id = generation_id
+    return rows
+
+
+def _queue_turn(pipe, job: TurnJob, *, owner: dict, created: dict, hit: CachedAnswer | None, started_at: float):
+    """After the messages on ``pipe``: the generation's owner and first event, then the job for the
+    workers — or, for an exact cache hit, the answer itself (its outcome is returned)."""
+    stream_key = generation_stream_key(job.schema_name, job.generation_id)
+    pipe.set(generation_owner_key(job.schema_name, job.generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
+    pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
+    pipe.expire(stream_key, STREAM_TTL_SECONDS)
+    pipe.publish(notify_channel(stream_key), b"")
+    if hit is None:
+        pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
+        return None
+    return _answer_from_cache(pipe, job, hit, started_at)
+
+
+async def turn_start_from_messages_async(
+    *,
+    bot: BotSnapshot,
+    end_user: EndUser,
+    messages: list[dict],
+    overrides: dict,
+    is_streamed: bool,
+    caller: Caller,
+    epoch: bytes,
+    redis,
+) -> AsyncStartedTurn:
+    """``turn_start_from_messages`` for the async edge (chat.transports.openai_edge): the same turn
+    without SQL or threads. The conversation's row goes to the batch writer with its messages
+    (chat.memory.persistence), and the gateway reads its policy per configuration epoch."""
+    validate_content(messages[-1]["content"])
+    max_tokens = overrides.get("max_tokens", bot.generation.get("max_tokens"))
+    admission = await gateway.admit_async(
+        caller=caller,
+        prompt_chars=sum(len(item["content"]) for item in messages) + len(bot.system_prompt) + SOURCES_CHARS_ESTIMATE,
+        max_tokens=max_tokens,
+        epoch=epoch,
+    )
+    schema_name = bot.schema_name
+    generation_id = str(uuid.uuid4())
+    conversation_id = str(uuid.uuid4())
+    now = timezone.now()
+    now_ts = timestamp_of(now)
+    records = [record_of(row) for row in _message_rows(conversation_id, messages, generation_id=generation_id, now=now)]
+    user_record = records[-1]
+    job = TurnJob(
+        schema_name=schema_name,
+        generation_id=generation_id,
+        conversation_id=conversation_id,
+        user_message_id=user_record["id"],
+        user_content=user_record["content"],
+        user_message_ts=user_record["ts"],
+        overrides=overrides,
+        is_streamed=is_streamed,
+        gateway=admission.ticket,
+        context={"bot_id": bot.pk, "summary": "", "summary_until_ts": 0},
+    )
+    stream_key = generation_stream_key(schema_name, generation_id)
+    started_at = time.perf_counter()
+    hit = await _edge_exact_hit_async(job, bot, records[:-1], redis)
+    async with redis.pipeline(transaction=True) as pipe:
+        persistence.queue_on(
+            pipe,
+            schema_name=schema_name,
+            conversation_id=conversation_id,
+            records=records,
+            is_new_conversation=True,
+            conversation=persistence.conversation_record(
+                conversation_id=conversation_id,
+                bot_id=bot.pk,
+                end_user_kind=end_user.kind,
+                end_user_id=end_user.id,
+                title=user_record["content"].strip(),
+                ts=now_ts,
+            ),
+        )
+        outcome = _queue_turn(
+            pipe,
+            job,
+            owner={
+                "conversation_id": conversation_id,
+                "end_user_kind": end_user.kind,
+                "end_user_id": end_user.id[:200],
+            },
+            created={
+                "generation_id": generation_id,
+                "conversation_id": conversation_id,
+                "message_id": user_record["id"],
+            },
+            hit=hit,
+            started_at=started_at,
+        )
+        await pipe.execute()
+    if outcome is not None:
+        engine.record_metrics(job, outcome)
+        try:
+            await gateway.settle(job.gateway, **engine.settlement(job, outcome))
+        except Exception:  # bookkeeping must not fail an answer already given
+            logger.exception("edge_cache_settle_failed", generation_id=generation_id)
+    return AsyncStartedTurn(
+        generation_id=generation_id,
+        conversation_id=conversation_id,
+        stream_key=stream_key,
+        headers=admission.headers,
+        cache_layer=hit.layer if hit is not None else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncStartedTurn:
+    generation_id: str
+    conversation_id: str
+    stream_key: str
+    headers: dict
+    cache_layer: str | None  # "exact" when the edge answered from the response cache
+
+
+async def _edge_exact_hit_async(job: TurnJob, bot: BotSnapshot, earlier: list[dict], redis) -> CachedAnswer | None:
+    """``_edge_exact_hit`` for the async edge: the bot's snapshot instead of its row."""
+    if not cache.is_cacheable({**bot.generation, **job.overrides}, cache_settings=bot.cache):
+        return None
+    try:
+        inputs = engine.inputs_from(job, bot, earlier, summary="", summary_until_ts=0)
+        lookup = engine.cache_request(job, inputs)
+        if lookup is None:
+            return None
+        return await cache.exact_lookup_async(
+            lookup.scope, exact=lookup.exact, cache_settings=inputs.cache, redis=redis
+        )
+    except redis_exceptions.RedisError:
+        logger.warning("edge_cache_lookup_failed", exc_info=True)  # the worker will try again
+        return None
 
 
 def _enqueue(
@@ -178,6 +317,7 @@ def _enqueue(
         overrides=overrides,
         is_streamed=is_streamed,
         gateway=admission.ticket if admission else None,
+        context=job_context(conversation),
     )
     stream_key = generation_stream_key(schema_name, generation_id)
     owner = {
@@ -196,16 +336,9 @@ def _enqueue(
         records=[record_of(item) for item in messages],
         is_new_conversation=is_new_conversation,
     )
-    pipe.set(generation_owner_key(schema_name, generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
-    pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
-    pipe.expire(stream_key, STREAM_TTL_SECONDS)
-    pipe.publish(notify_channel(stream_key), b"")
-    if hit is None:
-        pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
-        pipe.execute()
-    else:
-        outcome = _answer_from_cache(pipe, job, hit, started_at)
-        pipe.execute()
+    outcome = _queue_turn(pipe, job, owner=owner, created=created, hit=hit, started_at=started_at)
+    pipe.execute()
+    if outcome is not None:
         engine.record_metrics(job, outcome)
         if admission is not None:
             _settle_cached(job, outcome)
@@ -216,6 +349,15 @@ def _enqueue(
         stream_key=stream_key,
         headers=admission.headers if admission else {},
     )
+
+
+def job_context(conversation: Conversation) -> dict:
+    """What the worker needs of the conversation (TurnJob.context): it then runs the turn without SQL."""
+    return {
+        "bot_id": conversation.bot_id,
+        "summary": conversation.summary,
+        "summary_until_ts": conversation.summary_until_ts,
+    }
 
 
 # --- the response cache at the edge -------------------------------------------------------------

@@ -343,6 +343,9 @@ OAUTH2_PROVIDER = {
 # Secret mixed into API-key hashes so that a leaked table alone cannot be used offline.
 PARLEY_API_KEY_PEPPER = env.str("PARLEY_API_KEY_PEPPER", default=SECRET_KEY)
 PARLEY_RESOLUTION_CACHE_SECONDS = env.int("PARLEY_RESOLUTION_CACHE_SECONDS", default=300)
+# POST /v1/chat/completions with an API key served at the ASGI edge, before Django
+# (chat.transports.openai_edge); False sends it through Django's view like every other request.
+PARLEY_OPENAI_EDGE = env.bool("PARLEY_OPENAI_EDGE", default=True)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -28,6 +28,7 @@ from knowledge.embedders.base import EmbedderError
 from knowledge.extractors import ExtractionError, detect_kind, extract
 from knowledge.fetching import FetchError, fetch_url, validate_url
 from knowledge.models import Chunk, Document, DocumentContent, KnowledgeBase
+from tenants.config_epoch import config_changed
 from tenants.errors import Conflict, ParleyError, ValidationFailed
 
 logger = structlog.get_logger(__name__)
@@ -130,6 +131,7 @@ def knowledge_base_delete(*, knowledge_base: KnowledgeBase) -> None:
 
 def _bump_version(knowledge_base_id: int) -> None:
     KnowledgeBase.objects.filter(pk=knowledge_base_id).update(version=F("version") + 1, updated_at=timezone.now())
+    config_changed()  # an update() sends no signal: bots' cached snapshots carry this version
 
 
 # --- documents: accepting -----------------------------------------------------------------------

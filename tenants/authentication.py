@@ -115,7 +115,37 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     if record is None:
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
     identity = f"{prefix}:{client_ip}"
-    retry_after = auth_failures_exceeded(identity=identity)
+    _refuse_if_throttled(auth_failures_exceeded(identity=identity))
+    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+        auth_failure_register(identity=identity)
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    result = _accepted(record, tenant)
+    _touch(record, timezone.now())
+    return result
+
+
+async def api_key_verify_async(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None, client_ip: str):
+    """``api_key_verify`` for the async edge (chat.transports.openai_edge): the record comes from
+    ``tenant_and_key_resolve_async``; the brute-force limit is checked on the loop's client."""
+    from asgiref.sync import sync_to_async
+
+    from billing.ratelimit import auth_failure_register_async, auth_failures_exceeded_async
+
+    prefix = api_key_parse_prefix(raw_key)
+    if prefix is None or record is None:
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    identity = f"{prefix}:{client_ip}"
+    _refuse_if_throttled(await auth_failures_exceeded_async(identity=identity))
+    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+        await auth_failure_register_async(identity=identity)
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    result = _accepted(record, tenant)
+    if time.monotonic() - _touched_here.get(record.id, -math.inf) >= LAST_USED_RESOLUTION.total_seconds():
+        await sync_to_async(_touch, thread_sensitive=False)(record, timezone.now())  # once a minute per key
+    return result
+
+
+def _refuse_if_throttled(retry_after: float | None) -> None:
     if retry_after is not None:
         seconds = max(1, math.ceil(retry_after))
         raise ParleyError(
@@ -124,17 +154,16 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
             status_code=429,
             headers={"Retry-After": str(seconds)},
         )
-    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
-        auth_failure_register(identity=identity)
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+
+
+def _accepted(record: ApiKeyRecord, tenant: Tenant | None):
+    """The checks after the secret matched: the key's tenant, revocation, expiry."""
     if tenant is None or tenant.pk != record.tenant.pk:
         raise AuthenticationFailed("This API key does not belong to this tenant.", code="invalid_api_key")
     if record.is_revoked:
         raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
-    now = timezone.now()
-    if record.expires_at is not None and record.expires_at <= now:
+    if record.expires_at is not None and record.expires_at <= timezone.now():
         raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
-    _touch(record, now)
     context = AuthContext(kind="api_key", tenant=tenant, scopes=frozenset(record.scopes), api_key_id=record.id)
     return ApiKeyUser(record), context
 

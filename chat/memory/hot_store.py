@@ -146,6 +146,21 @@ def hot_recent(
     return Recent([message_records.loads(item) for item in merged], from_database=True)
 
 
+async def hot_recent_if_complete(
+    *, schema_name: str, conversation_id: str, limit: int, client
+) -> list[dict[str, Any]] | None:
+    """The newest ``limit`` messages when the store holds the whole recent conversation (one
+    round trip on an asyncio client); None on a miss, for the caller's database path."""
+    recent, complete = _keys(schema_name, conversation_id)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.lrange(recent, -limit, -1)
+        pipe.exists(complete)
+        raw, is_complete = await pipe.execute()
+    if not is_complete:
+        return None
+    return [message_records.loads(item) for item in raw]
+
+
 def hot_forget(*, schema_name: str, conversation_ids: Sequence[str], client=None) -> int:
     """Drop conversations from the store (deleted or purged)."""
     if not conversation_ids:

@@ -58,11 +58,18 @@ def queue_on(
     records: Sequence[dict[str, Any]],
     is_new_conversation: bool = False,
     retention_days: int | None = None,
+    conversation: dict[str, Any] | None = None,
 ) -> None:
     """Queue the messages for the batch writer and append them to the hot store, on ``pipe``
-    (sync or asyncio pipeline): the caller executes it with its other writes."""
-    for record in records:
-        pipe.xadd(WRITE_STREAM, {"s": schema_name, "m": message_records.dumps(record)})
+    (sync or asyncio pipeline): the caller executes it with its other writes.
+
+    ``conversation``: a new conversation's row (``conversation_record``), written by the batch
+    writer before its messages — it travels in the first message's entry, so it cannot be late."""
+    for index, record in enumerate(records):
+        fields = {"s": schema_name, "m": message_records.dumps(record)}
+        if index == 0 and conversation is not None:
+            fields["c"] = json.dumps(conversation, separators=(",", ":"))
+        pipe.xadd(WRITE_STREAM, fields)
     hot_store.hot_append(
         pipe,
         schema_name=schema_name,
@@ -110,16 +117,65 @@ async def messages_persist_async(
     return True
 
 
+def conversation_record(
+    *, conversation_id: str, bot_id: int, end_user_kind: str, end_user_id: str, title: str, ts: int
+) -> dict[str, Any]:
+    """A new conversation's row for the batch writer (``ts``: microseconds since the epoch)."""
+    return {
+        "id": conversation_id,
+        "bot_id": bot_id,
+        "end_user_kind": end_user_kind,
+        "end_user_id": end_user_id[:200],
+        "title": title[:200],
+        "ts": ts,
+    }
+
+
 # --- writing (batch) ---------------------------------------------------------------------------
 
 
-def messages_write(*, schema_name: str, records: Sequence[dict[str, Any]]) -> int:
+_CONVERSATIONS_SQL = """
+INSERT INTO {conversation} (id, bot_id, end_user_kind, end_user_id, title, created_at, last_message_at,
+                            summary, summary_until_ts)
+SELECT id, bot_id, kind, user_id, title, at, at, '', 0
+FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
+     AS row (id, bot_id, kind, user_id, title, at)
+WHERE EXISTS (SELECT 1 FROM {bot} WHERE {bot}.id = row.bot_id)
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+def _conversations_insert(cursor, conversations: Sequence[dict[str, Any]]) -> None:
+    """New conversations queued with their first messages (their bot may have been deleted since:
+    skipped, and their messages with them)."""
+    from chat.models import Bot
+
+    cursor.execute(
+        _CONVERSATIONS_SQL.format(conversation=Conversation._meta.db_table, bot=Bot._meta.db_table),
+        [
+            [item["id"] for item in conversations],
+            [item["bot_id"] for item in conversations],
+            [item["end_user_kind"] for item in conversations],
+            [item["end_user_id"] for item in conversations],
+            [item["title"] for item in conversations],
+            [message_records.EPOCH + item["ts"] * message_records.MICROSECOND for item in conversations],
+        ],
+    )
+
+
+def messages_write(
+    *, schema_name: str, records: Sequence[dict[str, Any]], conversations: Sequence[dict[str, Any]] = ()
+) -> int:
     """Insert the messages into the tenant's schema (skipping ids already stored, and messages of
-    conversations deleted meanwhile); returns rows inserted. One transaction."""
+    conversations deleted meanwhile), after the new ``conversations`` queued with them; returns
+    rows inserted. One transaction."""
     unique = list({record["id"]: record for record in records}.values())
     if not unique:
         return 0
     with schema_context(schema_name), transaction.atomic():
+        if conversations:
+            with connection.cursor() as cursor:
+                _conversations_insert(cursor, conversations)
         conversation_ids = {record["conversation_id"] for record in unique}
         alive = {str(pk) for pk in Conversation.objects.filter(pk__in=conversation_ids).values_list("pk", flat=True)}
         rows = [record for record in unique if record["conversation_id"] in alive]
@@ -225,17 +281,22 @@ def messages_flush(
 
 def _write_entries(client: redis.Redis, entries: list[tuple[bytes, dict]]) -> int:
     by_schema: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    conversations: dict[str, list[dict[str, Any]]] = defaultdict(list)
     dead: list[tuple[bytes, dict]] = []
     for entry_id, fields in entries:
         try:
             by_schema[fields[b"s"].decode()].append(message_records.loads(fields[b"m"]))
+            if b"c" in fields:
+                conversations[fields[b"s"].decode()].append(json.loads(fields[b"c"]))
         except (KeyError, ValueError, TypeError) as error:
             logger.error("message_entry_malformed", entry_id=entry_id.decode(), error=str(error))
             dead.append((entry_id, fields))
     written = 0
     for schema_name, records in by_schema.items():
         try:
-            written += messages_write(schema_name=schema_name, records=records)  # commits before the ack
+            written += messages_write(  # commits before the ack
+                schema_name=schema_name, records=records, conversations=conversations.get(schema_name, ())
+            )
         except DatabaseError:
             if _schema_exists(schema_name):
                 raise  # the database is in trouble: leave the entries pending for the next flush

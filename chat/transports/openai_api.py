@@ -75,7 +75,7 @@ class ChatCompletionInputSerializer(StrictSerializer):
         return value
 
 
-def _overrides(data: dict) -> dict:
+def generation_overrides(data: dict) -> dict:
     raw = {key: data.get(key) for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")}
     raw["max_tokens"] = data.get("max_completion_tokens") or data.get("max_tokens")
     stop = data.get("stop")
@@ -106,7 +106,7 @@ class ChatCompletionsApi(TenantAPIView):
                 param="model",
                 code="model_not_found",
             ) from None
-        overrides = _overrides(data)
+        overrides = generation_overrides(data)
         end_user = end_user_of(request, data.get("user"))
         started = turns.turn_start_from_messages(
             bot=bot,
@@ -122,7 +122,7 @@ class ChatCompletionsApi(TenantAPIView):
             from chat.transports.sse import sse_response
 
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            body = _chunks(
+            body = completion_chunks(
                 started.stream_key,
                 completion_id=completion_id,
                 created=created,
@@ -135,24 +135,15 @@ class ChatCompletionsApi(TenantAPIView):
             raise waited.error
         # Built from the generation's events: no database round trip after the answer.
         done = waited.done or {}
-        usage = done.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         return Response(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": bot.public_id,
-                "system_fingerprint": f"parley-v{bot.version}",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": waited.text, "refusal": None},
-                        "finish_reason": _finish_reason(done.get("finish_reason", "")),
-                        "logprobs": None,
-                    }
-                ],
-                "usage": usage,
-            },
+            completion_body(
+                completion_id=completion_id,
+                created=created,
+                model=bot.public_id,
+                version=bot.version,
+                text=waited.text,
+                done=done,
+            ),
             headers={
                 "X-Parley-Generation-Id": started.generation_id,
                 "X-Parley-Cache": done.get("cache_layer") or "miss",
@@ -161,7 +152,27 @@ class ChatCompletionsApi(TenantAPIView):
         )
 
 
-def _finish_reason(reason: str) -> str:
+def completion_body(*, completion_id: str, created: int, model: str, version: int, text: str, done: dict) -> dict:
+    """A ``chat.completion`` from the answer's text and its ``done`` event."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": f"parley-v{version}",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": finish_reason_of(done.get("finish_reason", "")),
+                "logprobs": None,
+            }
+        ],
+        "usage": done.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+def finish_reason_of(reason: str) -> str:
     return reason if reason in ("stop", "length", "content_filter") else "stop"
 
 
@@ -176,7 +187,7 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_rea
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _chunks(
+async def completion_chunks(
     stream_key: str, *, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
@@ -186,7 +197,7 @@ async def _chunks(
         elif event.type == "token":
             yield _chunk(completion_id, created, model, {"content": event.data["text"]}, None)
         elif event.type == "done":
-            yield _chunk(completion_id, created, model, {}, _finish_reason(event.data.get("finish_reason", "")))
+            yield _chunk(completion_id, created, model, {}, finish_reason_of(event.data.get("finish_reason", "")))
             if include_usage and event.data.get("usage"):
                 usage = {
                     "id": completion_id,

@@ -181,6 +181,68 @@ def test_messages_of_a_deleted_conversation_are_dropped_not_retried(tenant_pair,
     assert get_redis().xlen(WRITE_STREAM) == 0
 
 
+def _new_conversation_rows(conversation_id: str, contents: list[str]) -> list[Message]:
+    now = timezone.now()
+    return [
+        Message(conversation_id=conversation_id, role="user", content=text, created_at=now + timedelta(microseconds=i))
+        for i, text in enumerate(contents)
+    ]
+
+
+def _queue_new_conversation(tenant, bot, conversation_id: str, rows: list[Message]) -> None:
+    now = rows[0].created_at
+    contents = [row.content for row in rows]
+    with get_redis().pipeline(transaction=True) as pipe:
+        persistence.queue_on(
+            pipe,
+            schema_name=tenant.schema_name,
+            conversation_id=conversation_id,
+            records=[record_of(row) for row in rows],
+            is_new_conversation=True,
+            conversation=persistence.conversation_record(
+                conversation_id=conversation_id,
+                bot_id=bot.pk,
+                end_user_kind="api",
+                end_user_id="key:7:bob",
+                title=contents[-1],
+                ts=timestamp_of(now),
+            ),
+        )
+        pipe.execute()
+
+
+def test_a_new_conversations_row_is_written_before_its_messages_and_once(tenant_pair, conversation):
+    """The OpenAI edge queues a new conversation's row with its first messages (no SQL on the
+    request path); the flusher writes both, the row first, and a redelivery changes nothing."""
+    conversation_id = str(uuid.uuid4())
+    rows = _new_conversation_rows(conversation_id, ["be brief", "hello?"])
+    _queue_new_conversation(tenant_pair.a, conversation.bot, conversation_id, rows)
+    _queue_new_conversation(tenant_pair.a, conversation.bot, conversation_id, rows)  # delivered twice
+
+    written = messages_flush()
+
+    with tenant_context(tenant_pair.a):
+        stored = Conversation.objects.get(pk=conversation_id)
+        assert (stored.bot_id, stored.end_user_id, stored.title) == (conversation.bot_id, "key:7:bob", "hello?")
+        assert stored.last_message_at is not None
+        assert Message.objects.filter(conversation_id=conversation_id).count() == 2
+    assert written == 2
+
+
+def test_a_new_conversation_of_a_deleted_bot_is_dropped_with_its_messages(tenant_pair, conversation):
+    conversation_id = str(uuid.uuid4())
+    with tenant_context(tenant_pair.a):
+        doomed = bot_create(name="Doomed")
+    _queue_new_conversation(tenant_pair.a, doomed, conversation_id, _new_conversation_rows(conversation_id, ["hi"]))
+    with tenant_context(tenant_pair.a):
+        Bot.objects.filter(pk=doomed.pk).delete()
+
+    assert messages_flush() == 0
+    with tenant_context(tenant_pair.a):
+        assert not Conversation.objects.filter(pk=conversation_id).exists()
+    assert get_redis().xlen(WRITE_STREAM) == 0
+
+
 def test_with_redis_down_messages_are_written_synchronously(tenant_pair, conversation, monkeypatch, refused_url):
     dead = redis.Redis.from_url(refused_url.replace("http://", "redis://"), socket_connect_timeout=0.2)
     monkeypatch.setattr(persistence, "get_redis", lambda: dead)

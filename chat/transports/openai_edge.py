@@ -1,0 +1,391 @@
+"""``POST /v1/chat/completions`` served at the ASGI edge, in front of Django.
+
+The busiest endpoint does no SQL and never leaves the event loop on its hot path: the tenant and
+the API key come from the resolution cache and the configuration epoch in one Redis round trip
+(tenants.resolution), the bot and the billing policy from per-epoch process memory
+(chat.snapshots, billing.budgets), the gateway runs its Redis scripts on the loop's client, and
+the turn — the conversation's row included — is queued in one Redis transaction for the
+generation workers and the batch writer (chat.turns). Through Django, the same request paid
+~20 ms of CPU in middleware, DRF and thread hops (tests/perf/RESULTS.md).
+
+Semantics are the Django view's (chat.transports.openai_api, still mounted for the test client
+and the OpenAPI schema): the same validation — a well-formed request is checked here, anything
+else by the view's own serializer, so error messages match — the same errors in OpenAI's shape,
+the same gateway, the same events. ``PARLEY_OPENAI_EDGE=False`` sends everything to Django.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from prometheus_client import Counter, Histogram
+
+from chat import turns
+from chat.gateway import Caller
+from chat.selectors import EndUser
+from chat.snapshots import bot_snapshot_get
+from chat.streams import STARTED_EVENT
+from chat.transports.hub import follow
+from chat.transports.openai_api import (
+    MAX_MESSAGES,
+    ROLES,
+    ChatCompletionInputSerializer,
+    completion_body,
+    completion_chunks,
+    generation_overrides,
+)
+from tenants.authentication import api_key_verify_async
+from tenants.errors import (
+    AuthenticationFailed,
+    NotFound,
+    ParleyError,
+    PermissionDeniedError,
+    TenantSuspended,
+    ValidationFailed,
+    _flatten_validation,
+    error_body,
+)
+from tenants.redis import get_loop_redis
+from tenants.resolution import tenant_and_key_resolve_async, tenant_hostname
+from tenants.services import api_key_parse_prefix
+
+logger = structlog.get_logger(__name__)
+
+PATH = "/v1/chat/completions"
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+EDGE_REQUESTS = Counter("parley_edge_requests_total", "Requests served by the ASGI edge.", ["status"])
+EDGE_SECONDS = Histogram(
+    "parley_edge_request_seconds",
+    "Time to the response's headers at the ASGI edge.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+_FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
+_KNOWN_FIELDS = frozenset(ChatCompletionInputSerializer().fields)
+
+
+class OpenAIEdge:
+    """ASGI middleware: the chat completions endpoint here, everything else to ``app``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == PATH
+            and scope["method"] == "POST"
+            and settings.PARLEY_OPENAI_EDGE
+            and _api_key_of(scope) is not None
+        ):
+            await _serve(scope, receive, send)
+        else:  # other paths, and other credentials (JWT, OAuth2, a session): Django's
+            await self.app(scope, receive, send)
+
+
+def _api_key_of(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            if scheme.lower() == "bearer" and api_key_parse_prefix(token) is not None:
+                return token
+            return None
+    return None
+
+
+async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.perf_counter()
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    structlog.contextvars.clear_contextvars()
+    status = 500
+    try:
+        status = await _complete(scope, headers, receive, send)
+    except ParleyError as error:
+        status = error.status_code
+        extra = dict(error.headers)
+        if status == 401:
+            extra["WWW-Authenticate"] = 'Bearer realm="api"'
+        body = error_body(message=error.message, error_type=error.error_type, code=error.code, param=error.param)
+        await _send_json(send, status, body, extra)
+    except Exception:
+        logger.exception("edge_request_failed", path=PATH)
+        await _send_json(
+            send,
+            500,
+            error_body(message="Internal server error.", error_type="api_error", code="internal_error"),
+            {},
+        )
+    finally:
+        EDGE_REQUESTS.labels(str(status)).inc()
+        logger.info(
+            "request_finished",
+            request=f"POST {PATH}",
+            code=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+async def _complete(scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> int:
+    started = time.perf_counter()
+    body = await _read_body(receive, headers)
+    raw_key = _api_key_of(scope)
+    prefix = api_key_parse_prefix(raw_key)
+    redis = get_loop_redis()
+    tenant, record, epoch = await tenant_and_key_resolve_async(tenant_hostname(headers.get("host", "")), prefix, redis)
+    if tenant is None and record is not None:
+        tenant = record.tenant
+    if tenant is None:
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    structlog.contextvars.bind_contextvars(tenant=tenant.slug)
+    if not tenant.is_active:
+        raise TenantSuspended(
+            f"The workspace '{tenant.slug}' is suspended; contact your administrator or Parley support."
+        )
+    client = scope.get("client") or ("", 0)
+    _user, context = await api_key_verify_async(raw_key, tenant=tenant, record=record, client_ip=client[0] or "")
+    if "chat" not in context.scopes and "admin" not in context.scopes:
+        raise PermissionDeniedError(
+            "This credential lacks the 'chat' scope needed for this operation.", code="insufficient_scope"
+        )
+    data = await _validated(body)
+    bot = await bot_snapshot_get(schema_name=tenant.schema_name, epoch=epoch, public_id=data["model"])
+    if bot is None:
+        raise NotFound(
+            f"The model {data['model']!r} does not exist: use a bot id from /v1/models.",
+            param="model",
+            code="model_not_found",
+        )
+    overrides = generation_overrides(data)
+    external_user = data.get("user")
+    end_user_id = f"key:{context.api_key_id}" + (f":{external_user}" if external_user else "")
+    end_user = EndUser(kind="api", id=end_user_id, sees_all="admin" in context.scopes)
+    caller = Caller(
+        tenant=tenant,
+        bot_id=bot.pk,
+        bot_public_id=bot.public_id,
+        bot_rate_limits=bot.rate_limits,
+        api_key_id=context.api_key_id,
+        end_user=end_user_id,
+        is_end_user_limited=bool(external_user),
+    )
+    turn = await turns.turn_start_from_messages_async(
+        bot=bot,
+        end_user=end_user,
+        messages=data["messages"],
+        overrides=overrides,
+        is_streamed=data["stream"],
+        caller=caller,
+        epoch=epoch,
+        redis=redis,
+    )
+    completion_id = f"chatcmpl-{turn.generation_id.replace('-', '')}"
+    created = int(time.time())
+    response_headers = {"X-Parley-Generation-Id": turn.generation_id, **turn.headers}
+    if data["stream"]:
+        await _stream(send, turn, data, completion_id, created, bot.public_id, response_headers, started)
+        return 200
+    return await _answer(send, turn, completion_id, created, bot, response_headers, started)
+
+
+async def _stream(send, turn, data, completion_id, created, model, headers, started) -> None:
+    """The chunks, after the worker's cache decision (for ``X-Parley-Cache``); the events read
+    before it are replayed from the stream's start, so nothing is skipped."""
+    layer = turn.cache_layer
+    if layer is None:
+        async for event in follow(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS):
+            if event is None or event.is_terminal:
+                break
+            if event.type == STARTED_EVENT:
+                layer = event.data.get("cache")
+                break
+    if layer is not None:
+        headers["X-Parley-Cache"] = layer
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": _encode(
+                {
+                    "Content-Type": "text/event-stream; charset=utf-8",
+                    "Cache-Control": "no-cache, no-transform",
+                    "X-Accel-Buffering": "no",
+                    **headers,
+                }
+            ),
+        }
+    )
+    EDGE_SECONDS.observe(time.perf_counter() - started)
+    include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+    async for chunk in completion_chunks(
+        turn.stream_key, completion_id=completion_id, created=created, model=model, include_usage=include_usage
+    ):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+_ERROR_STATUS = {"rate_limit_error": 429, "invalid_request_error": 400}
+_CODE_STATUS = {"provider_timeout": 504, "provider_unavailable": 503}
+
+
+async def _answer(send, turn, completion_id, created, bot, headers, started) -> int:
+    parts: list[str] = []
+    done: dict = {}
+    async for event in follow(turn.stream_key, block_ms=600_000):
+        if event is None:
+            raise ParleyError("The answer took too long.", code="generation_timeout", status_code=504)
+        if event.type == "token":
+            parts.append(event.data["text"])
+        elif event.type == "done":
+            done = event.data
+        elif event.type == "error":
+            data = event.data
+            error = ParleyError(
+                data["message"],
+                code=data.get("code"),
+                status_code=_CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502)),
+            )
+            error.error_type = data.get("type", "api_error")
+            raise error
+    body = completion_body(
+        completion_id=completion_id,
+        created=created,
+        model=bot.public_id,
+        version=bot.version,
+        text="".join(parts),
+        done=done,
+    )
+    await _send_json(send, 200, body, {**headers, "X-Parley-Cache": done.get("cache_layer") or "miss"})
+    EDGE_SECONDS.observe(time.perf_counter() - started)
+    return 200
+
+
+# --- request ------------------------------------------------------------------------------------
+
+
+async def _read_body(receive: Receive, headers: dict[str, str]) -> bytes:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE or math.inf
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ParleyError("Request body is too large.", code="request_too_large", status_code=413)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ParleyError("The client went away.", code="client_disconnected", status_code=400)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ParleyError("Request body is too large.", code="request_too_large", status_code=413)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _validated(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed("JSON parse error: the body is not valid JSON.", code="invalid_json") from None
+    cleaned = _well_formed(data)
+    if cleaned is not None:
+        return cleaned
+    return await sync_to_async(_serializer_validated, thread_sensitive=False)(data)
+
+
+def _serializer_validated(data: Any) -> dict:
+    """The view's serializer: its cleaned data, or its first error as the view would render it."""
+    serializer = ChatCompletionInputSerializer(data=data)
+    if not serializer.is_valid():
+        message, param = _flatten_validation(serializer.errors)
+        raise ValidationFailed(message, param=param)
+    return dict(serializer.validated_data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _well_formed(data: Any) -> dict | None:
+    """The request as the serializer would clean it, when it is plainly valid; None for anything
+    the serializer must judge (and word the error for). Never accepts what the serializer refuses."""
+    if not isinstance(data, dict) or not data.keys() <= _KNOWN_FIELDS:
+        return None
+    model, messages = data.get("model"), data.get("messages")
+    if not isinstance(model, str) or not 0 < len(model) <= 100 or model != model.strip():
+        return None
+    if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES:
+        return None
+    for message in messages:
+        if (
+            not isinstance(message, dict)
+            or message.keys() - {"role", "content"}
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            return None
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        return None
+    cleaned: dict[str, Any] = {"model": model, "messages": [dict(message) for message in messages]}
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        return None
+    cleaned["stream"] = stream
+    for name in _FLOAT_FIELDS:
+        value = data.get(name)
+        if value is not None and not _is_number(value):
+            return None
+        if name in data:
+            cleaned[name] = None if value is None else float(value)
+    for name in _INT_FIELDS:
+        value = data.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return None
+        if name in data:
+            cleaned[name] = value
+    if "stream_options" in data:
+        if not isinstance(data["stream_options"], dict):
+            return None
+        cleaned["stream_options"] = data["stream_options"]
+    if "stop" in data:
+        cleaned["stop"] = data["stop"]
+    if "user" in data:
+        user = data["user"]
+        if not isinstance(user, str) or not 0 < len(user) <= 100 or user != user.strip():
+            return None
+        cleaned["user"] = user
+    if "n" in data and (data["n"] != 1 or isinstance(data["n"], bool)):
+        return None
+    if "logprobs" in data and data["logprobs"] is not False:
+        return None
+    return cleaned
+
+
+# --- response -----------------------------------------------------------------------------------
+
+
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), str(value).encode("latin-1")) for name, value in headers.items()]
+
+
+async def _send_json(send: Send, status: int, body: dict, headers: dict[str, str]) -> None:
+    payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": _encode({"Content-Type": "application/json", "Content-Length": str(len(payload)), **headers}),
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

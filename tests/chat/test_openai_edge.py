@@ -1,0 +1,270 @@
+"""The OpenAI chat completions endpoint at the ASGI edge (chat.transports.openai_edge): served
+through config.asgi's application as a real server would, with a real generation worker, Redis
+and PostgreSQL; its validation checked against the Django view's serializer."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from django.test import override_settings
+from django_tenants.utils import tenant_context
+
+from chat.memory.persistence import messages_flush
+from chat.models import Conversation, Message
+from chat.services import bot_update
+from chat.transports.openai_api import ChatCompletionInputSerializer
+from chat.transports.openai_edge import EDGE_REQUESTS, _well_formed
+from tenants.models import ApiKey
+from tests.factories import make_api_key
+
+pytestmark = pytest.mark.slow
+
+
+def _host(tenant) -> str:
+    return tenant.domains.first().domain
+
+
+async def _post(live, body, *, raw: str | None = None, host: str | None = None, headers: dict | None = None):
+    from config.asgi import application
+
+    transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url=f"http://{host or 'api.localhost'}") as client:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await client.post(
+            "/v1/chat/completions",
+            content=content,
+            headers={
+                "Authorization": f"Bearer {raw or live['raw']}",
+                "Content-Type": "application/json",
+                **(headers or {}),
+            },
+            timeout=30,
+        )
+
+
+def _request(live, **extra) -> dict:
+    return {"model": live["bot"].public_id, "messages": [{"role": "user", "content": "How are refunds paid?"}], **extra}
+
+
+async def test_edge_answers_and_stores_the_conversation_through_the_batch_writer(worker, live, django_db_blocker):
+    served_here = EDGE_REQUESTS.labels("200")._value.get()
+    with django_db_blocker.unblock():
+        response = await _post(live, _request(live, user="alice"))
+        assert EDGE_REQUESTS.labels("200")._value.get() == served_here + 1  # not Django's view
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "chat.completion"
+        assert "original card" in body["choices"][0]["message"]["content"]
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        assert response.headers["x-parley-cache"] == "miss"
+        assert int(response.headers["x-ratelimit-remaining-requests"]) >= 0
+        generation_id = response.headers["x-parley-generation-id"]
+
+        from asgiref.sync import sync_to_async
+
+        await sync_to_async(messages_flush)()
+
+        def stored():
+            with tenant_context(live["tenant"]):
+                user_message = Message.objects.select_related("conversation").get(
+                    generation_id=generation_id, role="user"
+                )
+                conversation = user_message.conversation
+                return (
+                    conversation.end_user_kind,
+                    conversation.end_user_id.split(":", 2)[2],
+                    conversation.title,
+                    list(conversation.messages.order_by("created_at").values_list("role", "content")),
+                )
+
+        kind, external_user, title, rows = await sync_to_async(stored)()
+    assert (kind, external_user, title) == ("api", "alice", "How are refunds paid?")
+    assert [role for role, _content in rows] == ["user", "assistant"]
+    assert rows[1][1] == body["choices"][0]["message"]["content"]
+
+
+async def test_edge_streams_openai_chunks(worker, live, django_db_blocker):
+    with django_db_blocker.unblock():
+        response = await _post(live, _request(live, stream=True, stream_options={"include_usage": True}))
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-parley-cache"] == "miss"
+    lines = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    assert "original card" in text
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == [
+        "stop"
+    ]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_json", None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_request", "model"),
+        ({"model": "MODEL", "messages": []}, 400, "invalid_request", "messages"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "   "}]}, 400, "invalid_request", "messages"),
+        ({"model": "MODEL", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_request", "messages"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, None, None),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "invalid_request", None),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "message_too_long", None),
+        (
+            {"model": "bot_doesnotexist", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "model_not_found",
+            "model",
+        ),
+    ],
+    ids=[
+        "invalid_json_case",
+        "no_model_case",
+        "no_messages_case",
+        "blank_message_case",
+        "last_not_user_case",
+        "bad_temperature_case",
+        "unknown_field_case",
+        "huge_message_case",
+        "unknown_model_case",
+    ],
+)
+async def test_edge_refuses_bad_input_and_stores_nothing_case(live, django_db_blocker, body, status, code, param):
+    if isinstance(body, dict) and body.get("model") == "MODEL":
+        body["model"] = live["bot"].public_id
+    from asgiref.sync import sync_to_async
+
+    def count() -> int:
+        with tenant_context(live["tenant"]):
+            return Conversation.objects.count()
+
+    with django_db_blocker.unblock():
+        before = await sync_to_async(count)()
+        response = await _post(live, body)
+        await sync_to_async(messages_flush)()
+        after = await sync_to_async(count)()
+
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    assert after == before
+
+
+async def test_edge_refuses_a_body_over_the_limit(live, django_db_blocker):
+    with django_db_blocker.unblock(), override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1_000):
+        response = await _post(live, _request(live, messages=[{"role": "user", "content": "x" * 2_000}]))
+
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_edge_refuses_wrong_keys_scopes_and_tenants(live, tenant_pair, django_db_blocker):
+    from asgiref.sync import sync_to_async
+
+    with django_db_blocker.unblock():
+        knowledge_only, raw_knowledge = await sync_to_async(make_api_key)(tenant_pair.a, scopes=["knowledge:read"])
+        other_tenant, raw_other = await sync_to_async(make_api_key)(tenant_pair.b, scopes=["chat"])
+        host_a = await sync_to_async(_host)(tenant_pair.a)
+        try:
+            bad_secret = await _post(live, _request(live), raw=live["raw"][:-4] + "abcd")
+            no_scope = await _post(live, _request(live), raw=raw_knowledge)
+            # B's key on A's host: refused, never used to switch tenants.
+            wrong_host = await _post(live, _request(live), raw=raw_other, host=host_a)
+            # B's key naming A's bot: B has no such model.
+            foreign_bot = await _post(live, _request(live), raw=raw_other)
+        finally:
+            await sync_to_async(ApiKey.objects.filter(pk__in=[knowledge_only.pk, other_tenant.pk]).delete)()
+
+    assert (bad_secret.status_code, bad_secret.json()["error"]["code"]) == (401, "invalid_api_key")
+    assert bad_secret.headers["www-authenticate"].startswith("Bearer")
+    assert (no_scope.status_code, no_scope.json()["error"]["code"]) == (403, "insufficient_scope")
+    assert wrong_host.status_code == 401
+    assert (foreign_bot.status_code, foreign_bot.json()["error"]["code"]) == (404, "model_not_found")
+
+
+async def test_edge_uses_the_bots_new_settings_on_the_next_request(worker, live, django_db_blocker, provider_choice):
+    """Bots are cached per configuration epoch: a change applies from the next request."""
+    from asgiref.sync import sync_to_async
+
+    seen: list[str] = []
+    real = provider_choice["provider"]
+
+    class Recording:
+        kind = "recording"
+
+        def stream(self, request):
+            seen.append(request.messages[0]["content"])
+            return real.stream(request)
+
+    provider_choice["provider"] = Recording()
+
+    def update(prompt: str) -> None:
+        with tenant_context(live["tenant"]):
+            bot = type(live["bot"]).objects.get(pk=live["bot"].pk)
+            bot_update(bot=bot, system_prompt=prompt)
+
+    with django_db_blocker.unblock():
+        first = await _post(live, _request(live))
+        await sync_to_async(update)("You are the refunds desk.")
+        second = await _post(live, _request(live))
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert seen[0].startswith("Answer from the handbook.")
+    assert seen[1].startswith("You are the refunds desk.")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "bot_x", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0.5},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "seed": 3, "n": 1},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"], "user": "alice"},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "top_p": None, "logprobs": False},
+        {"model": " bot_x", "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi", "name": "a"}]},
+        {"model": "bot_x", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "user": ""},
+        {"model": "bot_x", "messages": [{"role": "robot", "content": "hi"}]},
+        {"model": "", "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "seed": True},
+        ["not", "an", "object"],
+    ],
+    ids=lambda data: json.dumps(data)[:60],
+)
+def test_edge_fast_validation_agrees_with_the_views_serializer_case(data):
+    """What the edge accepts by itself the serializer accepts, with the same cleaned values;
+    everything else goes to the serializer (None), which then words the error."""
+    fast = _well_formed(data)
+    serializer = ChatCompletionInputSerializer(data=data)
+    if fast is None:
+        return
+    assert serializer.is_valid(), serializer.errors
+    expected = {key: value for key, value in serializer.validated_data.items() if key in fast or key == "stream"}
+    assert fast == {**expected, "messages": [dict(message) for message in serializer.validated_data["messages"]]}
+
+
+async def test_edge_leaves_other_credentials_to_django(live, django_db_blocker):
+    """A bearer that is not an API key (a JWT, an OAuth2 token) goes through Django's view."""
+    served_here = sum(sample.value for sample in EDGE_REQUESTS.collect()[0].samples if sample.name.endswith("_total"))
+    with django_db_blocker.unblock():
+        response = await _post(live, _request(live), raw="not-an-api-key")
+    served_after = sum(sample.value for sample in EDGE_REQUESTS.collect()[0].samples if sample.name.endswith("_total"))
+
+    assert response.status_code == 401
+    assert served_after == served_here
