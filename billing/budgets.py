@@ -676,6 +676,28 @@ async def budget_settle_async(*, reservation: Reservation, actual_tokens: int) -
         )
 
 
+def budget_settle_queue(pipe, *, reservation: Reservation, actual_tokens: int) -> bool:
+    """``budget_settle`` queued on ``pipe`` (an asyncio pipeline without a transaction), to run in
+    one round trip with a turn's other end-of-turn writes. True when a command was queued: its
+    reply then goes to :func:`budget_settle_finish`."""
+    if not reservation.levels:
+        return False
+    keys, args = _settle_call(reservation, actual_tokens)
+    pipe.eval(_SETTLE.source, len(keys), *keys, *args)
+    return True
+
+
+async def budget_settle_finish(*, reservation: Reservation, result: Any) -> None:
+    """Record the alerts a queued settlement crossed (its reply from the pipeline)."""
+    if isinstance(result, Exception):
+        raise result
+    alerts = _alerts_from(result[1:]) if int(result[0]) == 1 else []
+    if alerts:
+        await sync_to_async(budget_alerts_record, thread_sensitive=True)(
+            tenant_schema=reservation.tenant_schema, month=reservation.month, alerts=alerts
+        )
+
+
 # --- reading, alerts, expiry ------------------------------------------------------------------
 
 

@@ -122,6 +122,11 @@ def usage_record(event: UsageEvent) -> None:
         usage_write(events=[event])
 
 
+def usage_record_queue(pipe, event: UsageEvent) -> None:
+    """``usage_record`` queued on ``pipe`` (one round trip with a turn's other end-of-turn writes)."""
+    pipe.xadd(_stream(), {"e": event.to_json()}, maxlen=_maxlen(), approximate=True)
+
+
 async def usage_record_async(event: UsageEvent) -> None:
     """``usage_record`` for async code (generation workers, SSE views): never blocks the loop."""
     try:

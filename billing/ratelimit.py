@@ -356,6 +356,13 @@ async def tokens_charge_async(
         await _evaluate_async("tokens_charge", call.keys, call.args)
 
 
+def tokens_charge_queue(pipe, *, schema_name: str, limits: Sequence[Limit], tokens: int, reserved: int = 0) -> None:
+    """``tokens_charge`` queued on ``pipe`` (one round trip with a turn's other end-of-turn writes)."""
+    call = _charge_call(schema_name=schema_name, limits=limits, tokens=tokens - reserved, now_ms=None)
+    if call.keys and tokens != reserved:
+        pipe.eval(GCRA_SCRIPT, len(call.keys), *call.keys, *call.args)
+
+
 def _duration(seconds: float) -> str:
     """OpenAI's reset format (Go durations), rounded up to the millisecond: "120ms", "1.2s", "6m0s"."""
     milliseconds = math.ceil(seconds * 1000 - 1e-6)

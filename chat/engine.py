@@ -191,17 +191,18 @@ async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
     context = job.context
     if context is None or not job.user_message_ts:
         return await in_tenant(job.schema_name, load_inputs, job)
-    epoch = await epoch_async(redis)
-    bot = await snapshots.bot_snapshot_get(schema_name=job.schema_name, epoch=epoch, bot_id=context["bot_id"])
+    # One round trip: the configuration epoch and the conversation's recent messages (as many as
+    # any strategy could use; the window is cut below).
+    records, epoch = await hot_store.hot_recent_if_complete(
+        schema_name=job.schema_name, conversation_id=job.conversation_id, limit=hot_store.capacity(), client=redis
+    )
+    bot = await snapshots.bot_snapshot_get(
+        schema_name=job.schema_name, epoch=await epoch_async(redis, epoch, fetched=True), bot_id=context["bot_id"]
+    )
     if bot is None:  # deleted meanwhile: the ORM path reports it as it always has
         return await in_tenant(job.schema_name, load_inputs, job)
-    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
-        limit = min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1)
-    else:
-        limit = hot_store.capacity()
-    records = await hot_store.hot_recent_if_complete(
-        schema_name=job.schema_name, conversation_id=job.conversation_id, limit=limit, client=redis
-    )
+    if records is not None and bot.history_strategy == Bot.HistoryStrategy.WINDOW:
+        records = records[-min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1) :]
     if records is None or (bot.history_strategy == Bot.HistoryStrategy.FULL and len(records) >= hot_store.capacity()):
         return await in_tenant(job.schema_name, load_inputs, job)
     earlier = [
@@ -363,7 +364,7 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     started = time.perf_counter()
     outcome = TurnOutcome()
     inputs = await load_inputs_async(job, redis)
-    publisher = CoalescingPublisher(redis, stream_key)
+    publisher = CoalescingPublisher(redis, stream_key, is_buffered=not job.is_streamed)
     lookup = cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
     # The web side holds an SSE response's headers for this event (X-Parley-Cache).
@@ -390,26 +391,58 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
         if lookup and outcome.error is None and outcome.finish_reason == "stop" and outcome.usage is not None:
             await _cache_store(lookup, inputs, outcome, redis)
     outcome.total_ms = (time.perf_counter() - started) * 1000
-    outcome.message_id = await save_answer(job, outcome, redis)
+    await _finish(job, outcome, publisher, redis)
     if inputs.needs_summary and outcome.error is None:
         await _summary_request(job)
     record_metrics(job, outcome)
-    if job.gateway is not None:
-        await _settle(job, outcome)
-    if outcome.error is not None:
-        await publisher.close(
-            "error",
-            {
-                "message": outcome.error.message,
-                "type": outcome.error.error_type,
-                "code": outcome.error.code,
-                "message_id": outcome.message_id,
-                "partial_text_length": len(outcome.text),
-            },
-        )
-    else:
-        await publisher.close("done", done_event(outcome))
     return outcome
+
+
+async def _finish(job: TurnJob, outcome: TurnOutcome, publisher: CoalescingPublisher, redis) -> None:
+    """End the turn in one Redis round trip: the answer (write stream and hot store), the
+    gateway's settlement and usage event, then the terminal event — in that order, so a client
+    that sees ``done`` finds the answer stored. With Redis unreachable, step by step as before
+    (the answer then goes to PostgreSQL directly)."""
+    message = answer_message(job, outcome)
+    outcome.message_id = str(message.pk)
+    terminal = _terminal_event(outcome)
+    settlement_queued = None
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            persistence.queue_on(
+                pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record_of(message)]
+            )
+            if job.gateway is not None:
+                settlement_queued = gateway.settle_queue(pipe, job.gateway, **settlement(job, outcome))
+            await publisher.close_on(pipe, *terminal)
+            results = await pipe.execute(raise_on_error=False)
+    except persistence.REDIS_UNAVAILABLE:
+        logger.warning("turn_end_pipeline_failed", generation_id=job.generation_id, exc_info=True)
+        outcome.message_id = await save_answer(job, outcome, redis)
+        if job.gateway is not None:
+            await _settle(job, outcome)
+        await publisher.close(*_terminal_event(outcome))
+        return
+    failures = [result for result in results if isinstance(result, Exception)]
+    if failures:
+        logger.error("turn_end_writes_failed", generation_id=job.generation_id, errors=[str(f) for f in failures])
+    if settlement_queued is not None:
+        try:
+            await settlement_queued.finish(results)
+        except Exception:  # bookkeeping must not fail an answer already given
+            logger.exception("turn_settle_failed", generation_id=job.generation_id)
+
+
+def _terminal_event(outcome: TurnOutcome) -> tuple[str, dict[str, Any]]:
+    if outcome.error is None:
+        return "done", done_event(outcome)
+    return "error", {
+        "message": outcome.error.message,
+        "type": outcome.error.error_type,
+        "code": outcome.error.code,
+        "message_id": outcome.message_id,
+        "partial_text_length": len(outcome.text),
+    }
 
 
 def done_event(outcome: TurnOutcome) -> dict[str, Any]:

@@ -32,8 +32,10 @@ from billing.budgets import (
     budget_reserve_async,
     budget_settle,
     budget_settle_async,
+    budget_settle_finish,
+    budget_settle_queue,
 )
-from billing.metering import UsageEvent, usage_record, usage_record_async
+from billing.metering import UsageEvent, usage_record, usage_record_async, usage_record_queue
 from billing.ratelimit import (
     Limit,
     RateLimited,
@@ -42,6 +44,7 @@ from billing.ratelimit import (
     rate_limit_headers,
     tokens_charge,
     tokens_charge_async,
+    tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
 
@@ -233,6 +236,34 @@ async def settle(ticket: dict, **fields) -> None:
             schema_name=fields["schema_name"], limits=limits, tokens=billable, reserved=ticket["estimate"]
         )
     await usage_record_async(_usage_event(ticket, **fields))
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedSettlement:
+    """A settlement queued on a pipeline (``settle_queue``); ``finish`` reads its replies."""
+
+    reservation: Reservation
+    budget_index: int | None  # the budget script's reply among the pipeline's results
+
+    async def finish(self, results: list) -> None:
+        if self.budget_index is not None:
+            await budget_settle_finish(reservation=self.reservation, result=results[self.budget_index])
+
+
+def settle_queue(pipe, ticket: dict, **fields) -> QueuedSettlement:
+    """``settle`` queued on ``pipe`` (an asyncio pipeline without a transaction): the generation
+    worker ends a turn — answer, settlement, usage, terminal event — in one round trip."""
+    billable = 0 if fields["cache_layer"] else fields["tokens_in"] + fields["tokens_out"]
+    reservation = Reservation.from_dict(ticket["reservation"])
+    index = len(pipe)
+    budget_index = index if budget_settle_queue(pipe, reservation=reservation, actual_tokens=billable) else None
+    limits = [Limit(**item) for item in ticket.get("token_limits", [])]
+    if limits:
+        tokens_charge_queue(
+            pipe, schema_name=fields["schema_name"], limits=limits, tokens=billable, reserved=ticket["estimate"]
+        )
+    usage_record_queue(pipe, _usage_event(ticket, **fields))
+    return QueuedSettlement(reservation=reservation, budget_index=budget_index)
 
 
 def settle_sync(ticket: dict, **fields) -> None:

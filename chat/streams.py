@@ -84,10 +84,15 @@ class CoalescingPublisher:
     token — for the worker, for Redis, and for every client reading the stream.
     """
 
-    def __init__(self, redis: aioredis.Redis, key: str, *, frame_seconds: float = FRAME_SECONDS) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, key: str, *, frame_seconds: float = FRAME_SECONDS, is_buffered: bool = False
+    ) -> None:
         self.redis = redis
         self.key = key
         self.frame_seconds = frame_seconds
+        # Nobody watches the tokens arrive (a non-streamed request waits for the end): everything
+        # is written once, with the terminal event (close_on).
+        self.is_buffered = is_buffered
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._last_write = -math.inf
         self._timer: asyncio.TimerHandle | None = None
@@ -100,6 +105,8 @@ class CoalescingPublisher:
             self._pending[-1][1]["text"] += data["text"]
         else:
             self._pending.append((event_type, dict(data)))
+        if self.is_buffered:
+            return
         wait = self._last_write + self.frame_seconds - time.monotonic()
         if wait <= 0:
             await self.flush()
@@ -110,6 +117,8 @@ class CoalescingPublisher:
         """Publish an event at once, outside the token frames: it does not delay the tokens after it."""
         last_write = self._last_write
         self._pending.append((event_type, dict(data)))
+        if self.is_buffered:
+            return
         await self.flush()
         self._last_write = last_write
 
@@ -117,6 +126,29 @@ class CoalescingPublisher:
         """Publish the terminal event after everything pending."""
         self._pending.append((event_type, dict(data)))
         await self.flush(is_terminal=True)
+
+    async def close_on(self, pipe, event_type: str, data: dict[str, Any]) -> None:
+        """Queue everything pending and the terminal event on ``pipe``, for the caller to execute
+        with its other end-of-turn writes (nothing may be added after)."""
+        async with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            batch, self._pending = [*self._pending, (event_type, dict(data))], []
+            self._queue(pipe, batch, is_terminal=True)
+
+    def _queue(self, pipe, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
+        for event_type, data in batch:
+            pipe.xadd(
+                self.key,
+                {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
+                maxlen=STREAM_MAX_EVENTS,
+                approximate=True,
+            )
+        if is_terminal or self.writes == 0:
+            pipe.expire(self.key, STREAM_TTL_SECONDS)
+        pipe.publish(notify_channel(self.key), b"")
+        self.writes += 1
 
     def _flush_later(self) -> None:
         self._timer = None
@@ -133,18 +165,8 @@ class CoalescingPublisher:
             if not batch:
                 return
             async with self.redis.pipeline(transaction=False) as pipe:
-                for event_type, data in batch:
-                    pipe.xadd(
-                        self.key,
-                        {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
-                        maxlen=STREAM_MAX_EVENTS,
-                        approximate=True,
-                    )
-                if is_terminal or self.writes == 0:
-                    pipe.expire(self.key, STREAM_TTL_SECONDS)
-                pipe.publish(notify_channel(self.key), b"")
+                self._queue(pipe, batch, is_terminal=is_terminal)
                 await pipe.execute()
-            self.writes += 1
             self._last_write = time.monotonic()
 
 

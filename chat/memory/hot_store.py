@@ -148,17 +148,21 @@ def hot_recent(
 
 async def hot_recent_if_complete(
     *, schema_name: str, conversation_id: str, limit: int, client
-) -> list[dict[str, Any]] | None:
-    """The newest ``limit`` messages when the store holds the whole recent conversation (one
-    round trip on an asyncio client); None on a miss, for the caller's database path."""
+) -> tuple[list[dict[str, Any]] | None, bytes | None]:
+    """The newest ``limit`` messages when the store holds the whole recent conversation (None on
+    a miss, for the caller's database path), and the configuration epoch (tenants.config_epoch)
+    read in the same round trip on an asyncio client."""
+    from tenants.config_epoch import EPOCH_KEY
+
     recent, complete = _keys(schema_name, conversation_id)
     async with client.pipeline(transaction=False) as pipe:
         pipe.lrange(recent, -limit, -1)
         pipe.exists(complete)
-        raw, is_complete = await pipe.execute()
+        pipe.get(EPOCH_KEY)
+        raw, is_complete, epoch = await pipe.execute()
     if not is_complete:
-        return None
-    return [message_records.loads(item) for item in raw]
+        return None, epoch
+    return [message_records.loads(item) for item in raw], epoch
 
 
 def hot_forget(*, schema_name: str, conversation_ids: Sequence[str], client=None) -> int:

@@ -7,6 +7,7 @@ Redis consumer group. SIGTERM/SIGINT stop taking jobs and let running turns fini
 import asyncio
 import signal
 
+import uvloop
 from django.core.management.base import BaseCommand
 from prometheus_client import start_http_server
 
@@ -26,7 +27,9 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         if options["metrics_port"]:
             start_http_server(options["metrics_port"])
-        asyncio.run(self._run(options["concurrency"]))
+        # uvloop: the worker is all event-loop work (Redis, the model's HTTP streams); measured
+        # by tests/perf/test_chat_throughput.py, as the web processes' loop under uvicorn.
+        uvloop.run(self._run(options["concurrency"]))
 
     async def _run(self, concurrency: int) -> None:
         stop = asyncio.Event()
