@@ -29,11 +29,13 @@ than its bookkeeping, and every limit catches up once Redis is back.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import redis
@@ -431,6 +433,33 @@ async def auth_failure_register_async(*, identity: str) -> None:
     args = _auth_failure_args("charge", None)
     if args is not None:
         await _evaluate_async("auth_failure_register", [auth_failure_key(identity)], args)
+
+
+def auth_failures_peek_queue(pipe, identity: str) -> None:
+    """``auth_failures_exceeded``'s script queued on ``pipe`` (the edge's first round trip); its
+    reply goes to :func:`auth_failures_retry_after`."""
+    args = _auth_failure_args("peek", None)
+    if args is None:
+        pipe.echo("off")
+    else:
+        pipe.evalsha(_script_sha(), 1, auth_failure_key(identity), *args)
+
+
+async def auth_failures_retry_after(reply, *, identity: str) -> float | None:
+    """``auth_failures_exceeded``'s answer from a queued peek's reply (asked again, directly,
+    when the pipeline could not run the script: not loaded yet, Redis trouble)."""
+    if reply in (b"off", "off"):
+        return None
+    if isinstance(reply, Exception):
+        return await auth_failures_exceeded_async(identity=identity)
+    if int(reply[0]):
+        return None
+    return int(reply[2]) / 1e6
+
+
+@cache
+def _script_sha() -> str:
+    return hashlib.sha1(GCRA_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 async def auth_failures_exceeded_async(*, identity: str) -> float | None:

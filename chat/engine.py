@@ -368,7 +368,8 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
     lookup = cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
     # The web side holds an SSE response's headers for this event (X-Parley-Cache).
-    await publisher.announce(STARTED_EVENT, {"cache": hit.layer if hit is not None else "miss"})
+    # Written while the model is called: the turn does not wait for it.
+    publisher.announce(STARTED_EVENT, {"cache": hit.layer if hit is not None else "miss"})
     if hit is not None:
         outcome = await _serve_cached(hit, publisher, started)
     else:

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 
 from tenants.redis import tenant_key
+
+logger = structlog.get_logger(__name__)
 
 STREAM_TTL_SECONDS = 3600
 FRAME_SECONDS = 0.02  # tokens arriving within one frame (50 per second) share one event
@@ -113,14 +116,22 @@ class CoalescingPublisher:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
 
-    async def announce(self, event_type: str, data: dict[str, Any]) -> None:
-        """Publish an event at once, outside the token frames: it does not delay the tokens after it."""
-        last_write = self._last_write
+    def announce(self, event_type: str, data: dict[str, Any]) -> None:
+        """Publish an event now, in the background and outside the token frames: the caller goes
+        on (calling the model) while it is written, and it delays no token after it. Events
+        added later still follow it: every write takes what is pending, in order, under the lock."""
         self._pending.append((event_type, dict(data)))
         if self.is_buffered:
             return
-        await self.flush()
-        self._last_write = last_write
+        task = asyncio.ensure_future(self.flush(is_out_of_frame=True))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The turn goes on; its next write reports Redis trouble if it lasts.
+            logger.warning("stream_background_write_failed", key=self.key, error=repr(task.exception()))
 
     async def close(self, event_type: str, data: dict[str, Any]) -> None:
         """Publish the terminal event after everything pending."""
@@ -154,9 +165,9 @@ class CoalescingPublisher:
         self._timer = None
         task = asyncio.ensure_future(self.flush())
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
 
-    async def flush(self, *, is_terminal: bool = False) -> None:
+    async def flush(self, *, is_terminal: bool = False, is_out_of_frame: bool = False) -> None:
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
@@ -167,7 +178,8 @@ class CoalescingPublisher:
             async with self.redis.pipeline(transaction=False) as pipe:
                 self._queue(pipe, batch, is_terminal=is_terminal)
                 await pipe.execute()
-            self._last_write = time.monotonic()
+            if not is_out_of_frame:
+                self._last_write = time.monotonic()
 
 
 def decode_event(entry_id: bytes | str, fields: dict) -> StreamEvent:

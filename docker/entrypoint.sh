@@ -9,8 +9,8 @@
 #   anything else is executed verbatim, e.g. `daphne -b 0.0.0.0 -p 8000 config.asgi:application`
 #
 # Environment read here (the application's own settings are documented in docker/README.md):
-#   PARLEY_WEB_SERVER   daphne (default) | uvicorn | granian — uvicorn and granian are not
-#                       dependencies: build with PARLEY_EXTRA_PACKAGES="uvicorn[standard] granian"
+#   PARLEY_WEB_SERVER   uvicorn (default: the fastest in tests/perf/test_chat_throughput.py) |
+#                       granian | daphne (Channels' development server)
 #   PORT                listening port of the web server (default 8000)
 #   WEB_CONCURRENCY     worker processes for uvicorn/granian (default 1). Keep 1 and scale with
 #                       replicas: Prometheus metrics are per process, so with more than one process
@@ -28,13 +28,14 @@ web() {
     # throttling and rate limits. They take the left-most X-Forwarded-For entry, so the proxy in
     # front (nginx, the ingress controller) must overwrite that header, not append to it, and the
     # pods must not be reachable except through it.
-    case "${PARLEY_WEB_SERVER:-daphne}" in
+    case "${PARLEY_WEB_SERVER:-uvicorn}" in
         daphne)
             exec daphne --bind 0.0.0.0 --port "$port" --proxy-headers "$@" config.asgi:application
             ;;
         uvicorn)
             # Channels' ProtocolTypeRouter has no "lifespan" handler: switch the protocol off.
             exec uvicorn --host 0.0.0.0 --port "$port" --workers "${WEB_CONCURRENCY:-1}" \
+                --loop uvloop --http httptools --no-access-log \
                 --proxy-headers --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-*}" \
                 --lifespan off "$@" config.asgi:application
             ;;

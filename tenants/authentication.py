@@ -19,10 +19,11 @@ from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 
-from tenants.errors import AuthenticationFailed, ParleyError
+from tenants.errors import AuthenticationFailed, ParleyError, TenantSuspended
 from tenants.models import ApiKey, Membership, Tenant, User
 from tenants.redis import get_redis
-from tenants.resolution import ApiKeyRecord, api_key_resolve
+from tenants.resolution import ApiKeyRecord, api_key_resolve, tenant_and_key_resolve_async
+from tenants.resolution import tenant_hostname as tenant_hostname_of
 from tenants.services import api_key_hash, api_key_parse_prefix
 
 ALL_SCOPES = frozenset(ApiKey.Scope.values)
@@ -124,18 +125,46 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     return result
 
 
-async def api_key_verify_async(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None, client_ip: str):
-    """``api_key_verify`` for the async edge (chat.transports.openai_edge): the record comes from
-    ``tenant_and_key_resolve_async``; the brute-force limit is checked on the loop's client."""
+async def api_key_authenticate_async(raw_key: str, *, hostname: str | None, client_ip: str, redis):
+    """The async edge's (chat.transports.openai_edge) tenant and API key in one Redis round trip:
+    the resolution cache, the configuration epoch and the brute-force limit's state together;
+    then ``api_key_verify``'s checks. Returns ``(tenant, epoch, AuthContext)``."""
+    from billing.ratelimit import auth_failures_peek_queue, auth_failures_retry_after
+
+    prefix = api_key_parse_prefix(raw_key)
+    identity = f"{prefix}:{client_ip}"
+    tenant, record, epoch, (peeked,) = await tenant_and_key_resolve_async(
+        tenant_hostname_of(hostname), prefix, redis, also=lambda pipe: auth_failures_peek_queue(pipe, identity)
+    )
+    if tenant is None and record is not None:
+        tenant = record.tenant  # no tenant host: the key's own tenant
+    if tenant is None:
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    if not tenant.is_active:
+        raise TenantSuspended(
+            f"The workspace '{tenant.slug}' is suspended; contact your administrator or Parley support."
+        )
+    retry_after = await auth_failures_retry_after(peeked, identity=identity)
+    _user, context = await api_key_verify_async(
+        raw_key, tenant=tenant, record=record, client_ip=client_ip, retry_after=retry_after
+    )
+    return tenant, epoch, context
+
+
+async def api_key_verify_async(
+    raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None, client_ip: str, retry_after: float | None
+):
+    """``api_key_verify`` for the async edge, the brute-force limit's state already read
+    (``retry_after``: ``auth_failures_exceeded``'s answer)."""
     from asgiref.sync import sync_to_async
 
-    from billing.ratelimit import auth_failure_register_async, auth_failures_exceeded_async
+    from billing.ratelimit import auth_failure_register_async
 
     prefix = api_key_parse_prefix(raw_key)
     if prefix is None or record is None:
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
     identity = f"{prefix}:{client_ip}"
-    _refuse_if_throttled(await auth_failures_exceeded_async(identity=identity))
+    _refuse_if_throttled(retry_after)
     if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
         await auth_failure_register_async(identity=identity)
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")

@@ -159,25 +159,30 @@ def tenant_and_key_resolve(hostname: str | None, prefix: str | None) -> tuple[Te
 
 
 async def tenant_and_key_resolve_async(
-    hostname: str | None, prefix: str | None, redis
-) -> tuple[Tenant | None, ApiKeyRecord | None, bytes]:
+    hostname: str | None, prefix: str | None, redis, *, also=None
+) -> tuple[Tenant | None, ApiKeyRecord | None, bytes, list]:
     """``tenant_and_key_resolve`` for the async edge, with the configuration epoch
-    (tenants.config_epoch) read in the same round trip; the database (in a thread) on misses."""
+    (tenants.config_epoch) read in the same round trip — and whatever ``also(pipe)`` queues
+    (its replies are returned last); the database (in a thread) on misses."""
     from asgiref.sync import sync_to_async
 
     from tenants.config_epoch import EPOCH_KEY, epoch_async
 
     names = [(kind, value) for kind, value in (("host", hostname), ("key", prefix)) if value]
-    *raws, epoch = await redis.mget([*(_cache_key(kind, value) for kind, value in names), EPOCH_KEY])
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.mget([*(_cache_key(kind, value) for kind, value in names), EPOCH_KEY])
+        if also is not None:
+            also(pipe)
+        (*raws, epoch), *extra = await pipe.execute(raise_on_error=False)
     epoch = await epoch_async(redis, epoch, fetched=True)
     if any(raw is None for raw in raws):  # not cached yet: the loaders, once
         tenant, record = await sync_to_async(tenant_and_key_resolve, thread_sensitive=True)(hostname, prefix)
-        return tenant, record, epoch
+        return tenant, record, epoch, extra
     found = {
         kind: (None if raw == _MISSING else json.loads(raw)) for (kind, _value), raw in zip(names, raws, strict=True)
     }
     host_data = found.get("host")
-    return (tenant_from_dict(host_data) if host_data else None), _record_from(found.get("key")), epoch
+    return (tenant_from_dict(host_data) if host_data else None), _record_from(found.get("key")), epoch, extra
 
 
 def _record_from(data: dict[str, Any] | None) -> ApiKeyRecord | None:

@@ -54,6 +54,9 @@ class StreamHub:
         self.subscribers: dict[str, set[Subscription]] = {}
         self.dirty: set[str] = set()
         self.wake = asyncio.Event()
+        # Set when a channel is subscribed: the listener waits for it rather than polling (a 50 ms
+        # poll added 50 ms to the first event of a stream when the process had followed none).
+        self.has_channels = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.lock = asyncio.Lock()  # channel (un)subscriptions, one at a time on the pub/sub connection
 
@@ -71,6 +74,7 @@ class StreamHub:
             followers = self.subscribers.setdefault(key, set())
             if not followers:
                 await self.pubsub.subscribe(notify_channel(key))
+                self.has_channels.set()
             followers.add(subscription)
         self._start()
         self.mark(key)  # the events written before the subscription
@@ -96,7 +100,8 @@ class StreamHub:
         while True:
             try:
                 if not self.pubsub.subscribed:
-                    await asyncio.sleep(0.05)
+                    self.has_channels.clear()
+                    await self.has_channels.wait()
                     continue
                 message = await self.pubsub.get_message(timeout=1.0)
                 if message is not None and message["type"] == "message":

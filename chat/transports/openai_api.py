@@ -188,10 +188,11 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_rea
 
 
 async def completion_chunks(
-    stream_key: str, *, completion_id: str, created: int, model: str, include_usage: bool
+    stream_key: str, *, completion_id: str, created: int, model: str, include_usage: bool, after: str = "0-0"
 ) -> AsyncIterator[bytes]:
+    """The generation's events after ``after`` as OpenAI chunks, ending with ``data: [DONE]``."""
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-    async for event in follow(stream_key, block_ms=15_000):
+    async for event in follow(stream_key, after=after, block_ms=15_000):
         if event is None:
             yield b": keep-alive\n\n"
         elif event.type == "token":

@@ -41,19 +41,16 @@ from chat.transports.openai_api import (
     completion_chunks,
     generation_overrides,
 )
-from tenants.authentication import api_key_verify_async
+from tenants.authentication import api_key_authenticate_async
 from tenants.errors import (
-    AuthenticationFailed,
     NotFound,
     ParleyError,
     PermissionDeniedError,
-    TenantSuspended,
     ValidationFailed,
     _flatten_validation,
     error_body,
 )
 from tenants.redis import get_loop_redis
-from tenants.resolution import tenant_and_key_resolve_async, tenant_hostname
 from tenants.services import api_key_parse_prefix
 
 logger = structlog.get_logger(__name__)
@@ -141,20 +138,12 @@ async def _complete(scope: Scope, headers: dict[str, str], receive: Receive, sen
     started = time.perf_counter()
     body = await _read_body(receive, headers)
     raw_key = _api_key_of(scope)
-    prefix = api_key_parse_prefix(raw_key)
     redis = get_loop_redis()
-    tenant, record, epoch = await tenant_and_key_resolve_async(tenant_hostname(headers.get("host", "")), prefix, redis)
-    if tenant is None and record is not None:
-        tenant = record.tenant
-    if tenant is None:
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    structlog.contextvars.bind_contextvars(tenant=tenant.slug)
-    if not tenant.is_active:
-        raise TenantSuspended(
-            f"The workspace '{tenant.slug}' is suspended; contact your administrator or Parley support."
-        )
     client = scope.get("client") or ("", 0)
-    _user, context = await api_key_verify_async(raw_key, tenant=tenant, record=record, client_ip=client[0] or "")
+    tenant, epoch, context = await api_key_authenticate_async(
+        raw_key, hostname=headers.get("host", ""), client_ip=client[0] or "", redis=redis
+    )
+    structlog.contextvars.bind_contextvars(tenant=tenant.slug)
     if "chat" not in context.scopes and "admin" not in context.scopes:
         raise PermissionDeniedError(
             "This credential lacks the 'chat' scope needed for this operation.", code="insufficient_scope"
@@ -202,13 +191,13 @@ async def _complete(scope: Scope, headers: dict[str, str], receive: Receive, sen
 async def _stream(send, turn, data, completion_id, created, model, headers, started) -> None:
     """The chunks, after the worker's cache decision (for ``X-Parley-Cache``); the events read
     before it are replayed from the stream's start, so nothing is skipped."""
-    layer = turn.cache_layer
+    layer, after = turn.cache_layer, "0-0"
     if layer is None:
         async for event in follow(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS):
             if event is None or event.is_terminal:
                 break
-            if event.type == STARTED_EVENT:
-                layer = event.data.get("cache")
+            if event.type == STARTED_EVENT:  # nothing before it becomes a chunk: go on after it
+                layer, after = event.data.get("cache"), event.id
                 break
     if layer is not None:
         headers["X-Parley-Cache"] = layer
@@ -229,7 +218,12 @@ async def _stream(send, turn, data, completion_id, created, model, headers, star
     EDGE_SECONDS.observe(time.perf_counter() - started)
     include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
     async for chunk in completion_chunks(
-        turn.stream_key, completion_id=completion_id, created=created, model=model, include_usage=include_usage
+        turn.stream_key,
+        completion_id=completion_id,
+        created=created,
+        model=model,
+        include_usage=include_usage,
+        after=after,
     ):
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})

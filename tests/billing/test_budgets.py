@@ -33,7 +33,7 @@ from billing.models import ApiKeyBudget, BudgetAlert, Plan, TenantBilling, Usage
 from billing.services import api_key_budget_set, tenant_billing_update, tenant_plan_change
 from tenants.errors import error_response
 from tenants.models import Tenant
-from tenants.redis import get_redis
+from tenants.redis import get_async_redis, get_redis
 from tests.factories import make_api_key
 
 
@@ -408,6 +408,30 @@ def test_settling_more_than_reserved_counts_it_and_alerts(tenant_pair):
     )
 
     budget_settle(reservation=reservation, actual_tokens=450)
+
+    assert used(acme) == 450
+    assert list(BudgetAlert.objects.values_list("threshold_percent", "used_tokens")) == [(80, 450)]
+
+
+@pytest.mark.django_db
+def test_a_settlement_queued_on_a_pipeline_counts_and_alerts_like_a_direct_one(tenant_pair):
+    """The generation worker settles in its end-of-turn pipeline (chat.engine._finish)."""
+    acme = tenant_pair.a
+    reservation = budget_reserve(
+        tenant_schema=acme.schema_name, limits=[tenant_limit(acme, 500)], tokens=100, reservation_id="r-q"
+    )
+
+    async def settle_in_a_pipeline() -> None:
+        client = get_async_redis()
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set("unrelated", 1)
+            assert budgets.budget_settle_queue(pipe, reservation=reservation, actual_tokens=450)
+            results = await pipe.execute(raise_on_error=False)
+        await budgets.budget_settle_finish(reservation=reservation, result=results[1])
+        await client.aclose()
+
+    async_to_sync(settle_in_a_pipeline)()
+    async_to_sync(settle_in_a_pipeline)()  # at least once: the second changes nothing
 
     assert used(acme) == 450
     assert list(BudgetAlert.objects.values_list("threshold_percent", "used_tokens")) == [(80, 450)]

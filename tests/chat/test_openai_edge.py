@@ -26,10 +26,12 @@ def _host(tenant) -> str:
     return tenant.domains.first().domain
 
 
-async def _post(live, body, *, raw: str | None = None, host: str | None = None, headers: dict | None = None):
+async def _post(
+    live, body, *, raw: str | None = None, host: str | None = None, headers: dict | None = None, client_ip="127.0.0.1"
+):
     from config.asgi import application
 
-    transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 5000))
+    transport = httpx.ASGITransport(app=application, client=(client_ip, 5000))
     async with httpx.AsyncClient(transport=transport, base_url=f"http://{host or 'api.localhost'}") as client:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         return await client.post(
@@ -268,3 +270,20 @@ async def test_edge_leaves_other_credentials_to_django(live, django_db_blocker):
 
     assert response.status_code == 401
     assert served_after == served_here
+
+
+async def test_edge_throttles_guessing_a_keys_secret_from_one_address(live, django_db_blocker):
+    """After too many wrong secrets from an address, that address gets 429 for the key — even
+    with the right secret — while the key keeps working from elsewhere."""
+    wrong = live["raw"][:-4] + ("abcd" if not live["raw"].endswith("abcd") else "wxyz")
+    unknown_model = _request(live, model="bot_doesnotexist")
+    with django_db_blocker.unblock(), override_settings(PARLEY_AUTH_FAILURE_LIMIT=2):
+        guesses = [(await _post(live, unknown_model, raw=wrong, client_ip="10.0.0.9")).status_code for _ in range(2)]
+        throttled = await _post(live, unknown_model, client_ip="10.0.0.9")
+        elsewhere = await _post(live, unknown_model, client_ip="10.0.0.10")
+
+    assert guesses == [401, 401]
+    assert throttled.status_code == 429
+    assert throttled.json()["error"]["code"] == "too_many_auth_failures"
+    assert int(throttled.headers["retry-after"]) >= 1
+    assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (404, "model_not_found")

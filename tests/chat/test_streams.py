@@ -36,6 +36,33 @@ async def test_burst_of_tokens_is_merged_in_order():
     await redis.aclose()
 
 
+async def test_a_buffered_publisher_writes_everything_once_with_the_terminal_event():
+    """A non-streamed turn: nothing is written until the end, then every event in order in the
+    caller's pipeline (one round trip with the answer and the settlement)."""
+    redis = get_async_redis()
+    key = "t:test:gen:buffered"
+    publisher = CoalescingPublisher(redis, key, is_buffered=True)
+
+    publisher.announce("generation.started", {"cache": "miss"})
+    for index in range(5):
+        await publisher.add("token", {"text": f"w{index} "})
+    await asyncio.sleep(0.05)
+    written_before_close = await redis.exists(key)
+    async with redis.pipeline(transaction=False) as pipe:
+        await publisher.close_on(pipe, "done", {"finish_reason": "stop"})
+        await pipe.execute()
+
+    events = await _events(redis, key)
+    assert written_before_close == 0
+    assert events == [
+        ("generation.started", {"cache": "miss"}),
+        ("token", {"text": "w0 w1 w2 w3 w4 "}),
+        ("done", {"finish_reason": "stop"}),
+    ]
+    assert 0 < await redis.ttl(key) <= 3600
+    await redis.aclose()
+
+
 async def test_slow_tokens_are_not_delayed_or_merged():
     redis = get_async_redis()
     publisher = CoalescingPublisher(redis, "t:test:gen:slow", frame_seconds=0.01)
