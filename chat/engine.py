@@ -98,6 +98,7 @@ class TurnOutcome:
     error: ProviderError | None = None
     message_id: str | None = None
     cache_layer: str = ""  # "exact" | "semantic" when the answer came from the response cache
+    is_finished_in_one_trip: bool = False  # the end-of-turn writes (and on_finish's) all succeeded
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -358,8 +359,13 @@ async def save_answer(job: TurnJob, outcome: TurnOutcome, redis: aioredis.Redis)
 RouteFactory = Callable[[dict], Provider]
 
 
-async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFactory) -> TurnOutcome:
-    """Run one turn to its end, publishing every event; never raises for provider failures."""
+async def run_turn(
+    job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFactory, on_finish: Callable | None = None
+) -> TurnOutcome:
+    """Run one turn to its end, publishing every event; never raises for provider failures.
+
+    ``on_finish(pipe)`` queues more writes on the turn's last round trip (the worker acknowledges
+    its job there); ``outcome.is_finished_in_one_trip`` says whether that round trip ran."""
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
     started = time.perf_counter()
     outcome = TurnOutcome()
@@ -392,14 +398,16 @@ async def run_turn(job: TurnJob, *, redis: aioredis.Redis, route_for: RouteFacto
         if lookup and outcome.error is None and outcome.finish_reason == "stop" and outcome.usage is not None:
             await _cache_store(lookup, inputs, outcome, redis)
     outcome.total_ms = (time.perf_counter() - started) * 1000
-    await _finish(job, outcome, publisher, redis)
+    await _finish(job, outcome, publisher, redis, on_finish)
     if inputs.needs_summary and outcome.error is None:
         await _summary_request(job)
     record_metrics(job, outcome)
     return outcome
 
 
-async def _finish(job: TurnJob, outcome: TurnOutcome, publisher: CoalescingPublisher, redis) -> None:
+async def _finish(
+    job: TurnJob, outcome: TurnOutcome, publisher: CoalescingPublisher, redis, on_finish: Callable | None = None
+) -> None:
     """End the turn in one Redis round trip: the answer (write stream and hot store), the
     gateway's settlement and usage event, then the terminal event — in that order, so a client
     that sees ``done`` finds the answer stored. With Redis unreachable, step by step as before
@@ -416,6 +424,8 @@ async def _finish(job: TurnJob, outcome: TurnOutcome, publisher: CoalescingPubli
             if job.gateway is not None:
                 settlement_queued = gateway.settle_queue(pipe, job.gateway, **settlement(job, outcome))
             await publisher.close_on(pipe, *terminal)
+            if on_finish is not None:
+                on_finish(pipe)
             results = await pipe.execute(raise_on_error=False)
     except persistence.REDIS_UNAVAILABLE:
         logger.warning("turn_end_pipeline_failed", generation_id=job.generation_id, exc_info=True)
@@ -427,6 +437,8 @@ async def _finish(job: TurnJob, outcome: TurnOutcome, publisher: CoalescingPubli
     failures = [result for result in results if isinstance(result, Exception)]
     if failures:
         logger.error("turn_end_writes_failed", generation_id=job.generation_id, errors=[str(f) for f in failures])
+    else:
+        outcome.is_finished_in_one_trip = True
     if settlement_queued is not None:
         try:
             await settlement_queued.finish(results)

@@ -114,10 +114,14 @@ class GenerationWorker:
             await self._ack(entry_id)
             return
         ACTIVE_GENERATIONS.inc()
+        is_acknowledged = False
         try:
             if orphan and await self._recover(job):
                 return
-            await run_turn(job, redis=self.redis, route_for=self.route_for)
+            outcome = await run_turn(
+                job, redis=self.redis, route_for=self.route_for, on_finish=lambda pipe: self._ack_on(pipe, entry_id)
+            )
+            is_acknowledged = outcome.is_finished_in_one_trip
         except Exception:
             logger.exception("generation %s failed", job.generation_id)
             await publish(
@@ -132,13 +136,20 @@ class GenerationWorker:
             )
         finally:
             ACTIVE_GENERATIONS.dec()
-            await self._ack(entry_id)
+            if not is_acknowledged:
+                await self._ack(entry_id)
 
     async def _ack(self, entry_id) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(JOBS_STREAM, JOBS_GROUP, entry_id)
-            pipe.xdel(JOBS_STREAM, entry_id)
+            self._ack_on(pipe, entry_id)
             await pipe.execute()
+
+    @staticmethod
+    def _ack_on(pipe, entry_id) -> None:
+        """The job is done: off the consumer group's pending list and out of the stream (with the
+        turn's last writes, in the same round trip, when the turn ends normally)."""
+        pipe.xack(JOBS_STREAM, JOBS_GROUP, entry_id)
+        pipe.xdel(JOBS_STREAM, entry_id)
 
     async def _claim_orphans(self) -> None:
         _next, claimed, _deleted = await self.redis.xautoclaim(

@@ -21,6 +21,7 @@ from rest_framework.response import Response
 
 from chat import selectors, turns
 from chat.services import validate_generation
+from chat.streams import StreamEvent
 from chat.transports.hub import follow
 from tenants.api_base import StrictSerializer, TenantAPIView
 from tenants.errors import NotFound
@@ -123,7 +124,7 @@ class ChatCompletionsApi(TenantAPIView):
 
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             body = completion_chunks(
-                started.stream_key,
+                follow(started.stream_key, block_ms=15_000),
                 completion_id=completion_id,
                 created=created,
                 model=bot.public_id,
@@ -188,11 +189,11 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_rea
 
 
 async def completion_chunks(
-    stream_key: str, *, completion_id: str, created: int, model: str, include_usage: bool, after: str = "0-0"
+    events: AsyncIterator[StreamEvent | None], *, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    """The generation's events after ``after`` as OpenAI chunks, ending with ``data: [DONE]``."""
+    """A generation's events (``None``: a quiet interval) as OpenAI chunks, ending with ``data: [DONE]``."""
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-    async for event in follow(stream_key, after=after, block_ms=15_000):
+    async for event in events:
         if event is None:
             yield b": keep-alive\n\n"
         elif event.type == "token":

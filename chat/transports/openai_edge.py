@@ -16,10 +16,11 @@ the same gateway, the same events. ``PARLEY_OPENAI_EDGE=False`` sends everything
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ from chat import turns
 from chat.gateway import Caller
 from chat.selectors import EndUser
 from chat.snapshots import bot_snapshot_get
-from chat.streams import STARTED_EVENT
+from chat.streams import STARTED_EVENT, StreamEvent
 from chat.transports.hub import follow
 from chat.transports.openai_api import (
     MAX_MESSAGES,
@@ -189,44 +190,58 @@ async def _complete(scope: Scope, headers: dict[str, str], receive: Receive, sen
 
 
 async def _stream(send, turn, data, completion_id, created, model, headers, started) -> None:
-    """The chunks, after the worker's cache decision (for ``X-Parley-Cache``); the events read
-    before it are replayed from the stream's start, so nothing is skipped."""
-    layer, after = turn.cache_layer, "0-0"
-    if layer is None:
-        async for event in follow(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS):
-            if event is None or event.is_terminal:
-                break
-            if event.type == STARTED_EVENT:  # nothing before it becomes a chunk: go on after it
-                layer, after = event.data.get("cache"), event.id
-                break
-    if layer is not None:
-        headers["X-Parley-Cache"] = layer
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": _encode(
-                {
-                    "Content-Type": "text/event-stream; charset=utf-8",
-                    "Cache-Control": "no-cache, no-transform",
-                    "X-Accel-Buffering": "no",
-                    **headers,
-                }
-            ),
-        }
-    )
-    EDGE_SECONDS.observe(time.perf_counter() - started)
-    include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-    async for chunk in completion_chunks(
-        turn.stream_key,
-        completion_id=completion_id,
-        created=created,
-        model=model,
-        include_usage=include_usage,
-        after=after,
-    ):
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    """The chunks, after the worker's cache decision (for ``X-Parley-Cache``), from one
+    subscription to the generation's stream: the events read while waiting for the decision
+    become chunks first."""
+    async with contextlib.aclosing(follow(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS)) as events:
+        layer, held = turn.cache_layer, []
+        if layer is None:
+            async for event in events:
+                if event is None:
+                    break  # no decision within the wait: start without the header
+                held.append(event)
+                if event.type == STARTED_EVENT:
+                    layer = event.data.get("cache")
+                    break
+                if event.is_terminal:
+                    break
+        if layer is not None:
+            headers["X-Parley-Cache"] = layer
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": _encode(
+                    {
+                        "Content-Type": "text/event-stream; charset=utf-8",
+                        "Cache-Control": "no-cache, no-transform",
+                        "X-Accel-Buffering": "no",
+                        **headers,
+                    }
+                ),
+            }
+        )
+        EDGE_SECONDS.observe(time.perf_counter() - started)
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        async for chunk in completion_chunks(
+            _then(held, events),
+            completion_id=completion_id,
+            created=created,
+            model=model,
+            include_usage=include_usage,
+        ):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _then(held: list[StreamEvent], events: AsyncIterator[StreamEvent | None]):
+    """The events already read, then the rest of the stream (unless it has ended)."""
+    for event in held:
+        yield event
+    if held and held[-1].is_terminal:
+        return
+    async for event in events:
+        yield event
 
 
 _ERROR_STATUS = {"rate_limit_error": 429, "invalid_request_error": 400}
