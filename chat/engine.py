@@ -192,6 +192,10 @@ async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
     context = job.context
     if context is None or not job.user_message_ts:
         return await in_tenant(job.schema_name, load_inputs, job)
+    if "earlier" in context and "epoch" in context:
+        inputs = await _inputs_carried(job, context)
+        if inputs is not None:
+            return inputs
     # One round trip: the configuration epoch and the conversation's recent messages (as many as
     # any strategy could use; the window is cut below).
     records, epoch = await hot_store.hot_recent_if_complete(
@@ -212,6 +216,28 @@ async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
     return inputs_from(
         job, bot, earlier, summary=context.get("summary", ""), summary_until_ts=context.get("summary_until_ts", 0)
     )
+
+
+async def _inputs_carried(job: TurnJob, context: dict) -> TurnInputs | None:
+    """A new conversation's turn from the OpenAI edge carries everything: its earlier messages
+    (the request's own) and the configuration epoch the edge admitted it under — the worker calls
+    the model without a round trip. None when the bot is gone (the ORM path then reports it)."""
+    bot = await snapshots.bot_snapshot_get(
+        schema_name=job.schema_name, epoch=context["epoch"].encode(), bot_id=context["bot_id"]
+    )
+    if bot is None:
+        return None
+    earlier = context["earlier"]
+    # What the hot store would have given (its capacity counts the user's message too); full
+    # replay gets everything, which the request holds.
+    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
+        keep = min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1) - 1
+    elif bot.history_strategy == Bot.HistoryStrategy.SUMMARY:
+        keep = hot_store.capacity() - 1
+    else:
+        keep = len(earlier)
+    earlier = earlier[-keep:] if keep > 0 else []
+    return inputs_from(job, bot, earlier, summary="", summary_until_ts=0)
 
 
 def retrieve_sources(inputs: TurnInputs) -> list[Source]:

@@ -212,7 +212,14 @@ async def turn_start_from_messages_async(
         overrides=overrides,
         is_streamed=is_streamed,
         gateway=admission.ticket,
-        context={"bot_id": bot.pk, "summary": "", "summary_until_ts": 0},
+        # The worker needs nothing else: no round trip before it calls the model.
+        context={
+            "bot_id": bot.pk,
+            "summary": "",
+            "summary_until_ts": 0,
+            "epoch": epoch.decode(),
+            "earlier": records[:-1],
+        },
     )
     stream_key = generation_stream_key(schema_name, generation_id)
     started_at = time.perf_counter()

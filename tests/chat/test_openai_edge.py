@@ -287,3 +287,41 @@ async def test_edge_throttles_guessing_a_keys_secret_from_one_address(live, djan
     assert throttled.json()["error"]["code"] == "too_many_auth_failures"
     assert int(throttled.headers["retry-after"]) >= 1
     assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (404, "model_not_found")
+
+
+async def test_edge_turn_carries_its_history_and_the_worker_applies_the_window(
+    worker, live, django_db_blocker, provider_choice
+):
+    """A new conversation's earlier messages travel with the job (the worker calls the model
+    without a Redis round trip); the bot's window still decides what the model sees."""
+    from asgiref.sync import sync_to_async
+
+    seen: list[list[dict]] = []
+    real = provider_choice["provider"]
+
+    class Recording:
+        kind = "recording"
+
+        def stream(self, request):
+            seen.append(request.messages)
+            return real.stream(request)
+
+    provider_choice["provider"] = Recording()
+
+    def window(turns: int) -> None:
+        with tenant_context(live["tenant"]):
+            bot = type(live["bot"]).objects.get(pk=live["bot"].pk)
+            bot_update(bot=bot, history_window=turns)
+
+    history = []
+    for index in range(3):
+        history += [
+            {"role": "user", "content": f"question {index}"},
+            {"role": "assistant", "content": f"answer {index}"},
+        ]
+    with django_db_blocker.unblock():
+        await sync_to_async(window)(1)
+        response = await _post(live, _request(live, messages=[*history, {"role": "user", "content": "and now?"}]))
+
+    assert response.status_code == 200, response.text
+    assert [message["content"] for message in seen[0][1:]] == ["question 2", "answer 2", "and now?"]
