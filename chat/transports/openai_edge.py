@@ -108,23 +108,29 @@ async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
     headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
     structlog.contextvars.clear_contextvars()
     status = 500
+    response_started = False
+
+    async def tracked_send(message: dict) -> None:
+        nonlocal response_started
+        response_started = response_started or message["type"] == "http.response.start"
+        await send(message)
+
     try:
-        status = await _complete(scope, headers, receive, send)
-    except ParleyError as error:
-        status = error.status_code
-        extra = dict(error.headers)
-        if status == 401:
-            extra["WWW-Authenticate"] = 'Bearer realm="api"'
-        body = error_body(message=error.message, error_type=error.error_type, code=error.code, param=error.param)
-        await _send_json(send, status, body, extra)
-    except Exception:
-        logger.exception("edge_request_failed", path=PATH)
-        await _send_json(
-            send,
-            500,
-            error_body(message="Internal server error.", error_type="api_error", code="internal_error"),
-            {},
-        )
+        status = await _complete(scope, headers, receive, tracked_send)
+    except Exception as error:
+        if response_started:  # mid-stream: the status is sent; the client sees the stream end
+            logger.exception("edge_stream_failed", path=PATH)
+            status = 200
+        elif isinstance(error, ParleyError):
+            status = await _send_error(send, error)
+        else:
+            logger.exception("edge_request_failed", path=PATH)
+            await _send_json(
+                send,
+                500,
+                error_body(message="Internal server error.", error_type="api_error", code="internal_error"),
+                {},
+            )
     finally:
         EDGE_REQUESTS.labels(str(status)).inc()
         logger.info(
@@ -133,6 +139,15 @@ async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
             code=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+
+async def _send_error(send: Send, error: ParleyError) -> int:
+    headers = dict(error.headers)
+    if error.status_code == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    body = error_body(message=error.message, error_type=error.error_type, code=error.code, param=error.param)
+    await _send_json(send, error.status_code, body, headers)
+    return error.status_code
 
 
 async def _complete(scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> int:
