@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -230,15 +230,26 @@ _policies = EpochCache()
 
 async def billing_policy_cached(*, tenant, api_key_id: int | None, end_user: str, epoch: bytes) -> BillingPolicy:
     """``billing_policy_get`` for the hot path: read once per configuration epoch and process
-    (tenants.config_epoch), so a plan or budget change still applies from the next request."""
-    key = (tenant.pk, api_key_id, end_user)
+    (tenants.config_epoch), so a plan or budget change still applies from the next request.
+
+    One entry serves every end user of a key: the end user's budget, when the tenant sets one,
+    is the same for all of them but for whom it counts."""
+    key = (tenant.pk, api_key_id, bool(end_user))
     policy = _policies.get(epoch, key)
     if policy is None:
         policy = await sync_to_async(billing_policy_get, thread_sensitive=True)(
-            tenant=tenant, api_key_id=api_key_id, end_user=end_user
+            tenant=tenant, api_key_id=api_key_id, end_user=_ANY_END_USER if end_user else ""
         )
         _policies.put(epoch, key, policy)
-    return policy
+    if not end_user:
+        return policy
+    budgets = [
+        replace(limit, identity=end_user) if limit.level == LEVEL_END_USER else limit for limit in policy.budgets
+    ]
+    return replace(policy, budgets=budgets)
+
+
+_ANY_END_USER = "\x00end-user"  # stands for the request's end user in a cached policy
 
 
 def budget_limits_for(*, tenant, api_key_id: int | None, end_user: str) -> list[BudgetLimit]:

@@ -8,7 +8,7 @@ from django_tenants.utils import tenant_context
 
 from billing.budgets import billing_policy_cached
 from billing.models import Plan
-from billing.services import tenant_plan_change
+from billing.services import tenant_billing_update, tenant_plan_change
 from chat.services import bot_create, bot_delete, bot_update
 from chat.snapshots import bot_snapshot_get
 from knowledge.services import _bump_version, knowledge_base_create
@@ -85,3 +85,21 @@ def test_billing_policy_cache_follows_a_plan_change(tenant_pair, db):
     tenant_plan_change(tenant=tenant, plan=large)
 
     assert (first.requests_per_minute, policy().requests_per_minute) == (7, 9)
+
+
+def test_cached_billing_policy_puts_each_end_user_in_their_own_budget(tenant_pair, db):
+    tenant = tenant_pair.a
+    tenant_billing_update(tenant=tenant, end_user_monthly_tokens=5_000)
+
+    def budgets(end_user: str):
+        policy = async_to_sync(billing_policy_cached)(
+            tenant=tenant, api_key_id=None, end_user=end_user, epoch=epoch_sync()
+        )
+        return [(limit.level, limit.identity, limit.monthly_tokens) for limit in policy.budgets]
+
+    alice, bob, nobody = budgets("key:1:alice"), budgets("key:1:bob"), budgets("")
+
+    assert ("end_user", "key:1:alice", 5_000) in alice
+    assert ("end_user", "key:1:bob", 5_000) in bob
+    assert not [limit for limit in nobody if limit[0] == "end_user"]
+    assert alice == [*nobody, ("end_user", "key:1:alice", 5_000)]
