@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -50,6 +50,13 @@ def caller_of(request, *, bot, external_user: str | None = None) -> Caller:
 class BotOutputSerializer(serializers.ModelSerializer):
     id = serializers.CharField(source="public_id")
     knowledge_bases = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    provider_route = serializers.SerializerMethodField(
+        help_text=f"Provider API keys read as {services.MASKED_SECRET}; send it back unchanged to keep a key."
+    )
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_provider_route(self, bot: Bot) -> dict:
+        return services.route_masked(bot.provider_route)
 
     class Meta:
         model = Bot

@@ -39,6 +39,36 @@ GENERATION_LIMITS: dict[str, tuple[type, float, float]] = {
 }
 
 
+MASKED_SECRET = "********"  # noqa: S105 - the mask shown instead of a secret, not a secret
+
+
+def route_masked(route: dict) -> dict:
+    """The route with provider API keys hidden: no page or API response shows a stored secret."""
+    targets = [
+        {key: (MASKED_SECRET if key == "api_key" and value else value) for key, value in target.items()}
+        for target in route.get("targets", [])
+    ]
+    return {**route, "targets": targets}
+
+
+def route_secrets_restored(route: Any, previous: dict | None) -> Any:
+    """Put stored secrets back where a client sent the mask unchanged (same target position). A
+    mask with no key stored behind it is refused: it must not become the key."""
+    if not isinstance(route, dict) or not isinstance(route.get("targets"), list):
+        return route
+    old_targets = (previous or {}).get("targets", [])
+    for index, target in enumerate(route["targets"]):
+        if isinstance(target, dict) and target.get("api_key") == MASKED_SECRET:
+            old = old_targets[index] if index < len(old_targets) else {}
+            if not (isinstance(old, dict) and old.get("api_key")):
+                raise ValidationFailed(
+                    f"{MASKED_SECRET} stands for a stored API key, and this target has none: send the key itself.",
+                    param=f"provider_route.targets[{index}].api_key",
+                )
+            target["api_key"] = old["api_key"]
+    return route
+
+
 def validate_provider_route(route: Any) -> dict:
     """The provider registry's own validation, so that what is saved is what can be built."""
     return validate_route_config(route, param_prefix="provider_route")
@@ -127,7 +157,11 @@ def bot_create(
         name=name.strip(),
         public_id=_new_public_id(),
         system_prompt=system_prompt,
-        provider_route=validate_provider_route(provider_route) if provider_route else default_provider_route(),
+        provider_route=(
+            validate_provider_route(route_secrets_restored(provider_route, None))
+            if provider_route
+            else default_provider_route()
+        ),
         generation={**default_generation(), **validate_generation(generation or {})},
         history_strategy=history_strategy,
         history_window=history_window,
@@ -149,7 +183,10 @@ def bot_update(*, bot: Bot, **changes: Any) -> Bot:
     """Apply a partial update; bumps ``version`` if anything that shapes answers changed."""
     answer_changed = False
     if "provider_route" in changes:
-        changes["provider_route"] = validate_provider_route(changes["provider_route"])
+        # A route read back from the API or the site carries masks where keys are stored.
+        changes["provider_route"] = validate_provider_route(
+            route_secrets_restored(changes["provider_route"], bot.provider_route)
+        )
     if "generation" in changes:
         changes["generation"] = {**default_generation(), **validate_generation(changes["generation"])}
     if "allowed_origins" in changes:

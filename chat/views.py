@@ -15,40 +15,16 @@ from django.urls import reverse
 
 from chat import selectors, services, widget
 from chat.models import Bot, Conversation, Message
+from chat.services import MASKED_SECRET, route_masked, route_secrets_restored
 from knowledge.models import KnowledgeBase
 from tenants.errors import ValidationFailed
 from tenants.views import form_error, site_page
 
-MASKED_SECRET = "********"  # noqa: S105 - the mask shown instead of a secret, not a secret
 CONVERSATIONS_PER_PAGE = 25
 TRANSCRIPT_MAX_MESSAGES = 1000
 
 
 # --- bots ---------------------------------------------------------------------------------------
-
-
-def _mask_route(route: dict) -> dict:
-    """The route with provider API keys hidden: the page never shows a stored secret."""
-    targets = [
-        {key: (MASKED_SECRET if key == "api_key" and value else value) for key, value in target.items()}
-        for target in route.get("targets", [])
-    ]
-    return {**route, "targets": targets}
-
-
-def _unmask_route(route: dict, previous: dict | None) -> dict:
-    """Put stored secrets back where the form sent the mask unchanged (same target position)."""
-    if not isinstance(route, dict) or not isinstance(route.get("targets"), list):
-        return route
-    old_targets = (previous or {}).get("targets", [])
-    for index, target in enumerate(route["targets"]):
-        if isinstance(target, dict) and target.get("api_key") == MASKED_SECRET:
-            old = old_targets[index] if index < len(old_targets) else {}
-            if old.get("api_key"):
-                target["api_key"] = old["api_key"]
-            else:
-                target.pop("api_key")
-    return route
 
 
 class BotForm(forms.Form):
@@ -128,7 +104,7 @@ class BotForm(forms.Form):
         return {
             "name": bot.name,
             "system_prompt": bot.system_prompt,
-            "provider_route": json.dumps(_mask_route(bot.provider_route), indent=2),
+            "provider_route": json.dumps(route_masked(bot.provider_route), indent=2),
             "temperature": bot.generation.get("temperature"),
             "top_p": bot.generation.get("top_p"),
             "max_tokens": bot.generation.get("max_tokens"),
@@ -153,7 +129,7 @@ class BotForm(forms.Form):
         return {
             "name": data["name"],
             "system_prompt": data["system_prompt"],
-            "provider_route": _unmask_route(data["provider_route"], bot.provider_route if bot else None),
+            "provider_route": route_secrets_restored(data["provider_route"], bot.provider_route if bot else None),
             "generation": generation,
             "history_strategy": data["history_strategy"],
             "history_window": data["history_window"],
@@ -207,7 +183,7 @@ def _bot_detail_context(request: HttpRequest, bot: Bot) -> dict:
         "bot": bot,
         "snippet": snippet,
         "knowledge_bases": list(bot.knowledge_bases.all()),
-        "route_json": json.dumps(_mask_route(bot.provider_route), indent=2),
+        "route_json": json.dumps(route_masked(bot.provider_route), indent=2),
         "nav": "bots",
     }
 

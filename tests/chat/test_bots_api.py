@@ -204,3 +204,38 @@ def test_malformed_conversation_id_is_404(client, tenant_pair, admin_key):
     response = client.get("/api/v1/conversations/not-a-uuid/", **bearer(admin_key))
 
     assert response.status_code == 404
+
+
+def test_provider_api_keys_are_never_returned_and_survive_a_round_trip(client, tenant_pair, admin_key):
+    """A bot's route reads back with its provider keys masked (any chat-scope key may read bots);
+    sending the masked route back keeps the stored key, a new key replaces it, and a mask with no
+    stored key behind it is refused, changing nothing."""
+    route = {
+        "targets": [{"kind": "openai", "base_url": "https://llm.example.com/v1", "api_key": "sk-real", "model": "m"}]
+    }
+    created = _post(client, "/api/v1/bots/", {"name": "Keyed", "provider_route": route}, admin_key)
+    bot_id = created.json()["id"]
+    path = f"/api/v1/bots/{bot_id}/"
+    read = client.get(path, **bearer(admin_key)).json()
+    listed = [bot for bot in client.get("/api/v1/bots/", **bearer(admin_key)).json()["data"] if bot["id"] == bot_id]
+    masked = read["provider_route"]["targets"][0]
+
+    kept = _patch(client, path, {"provider_route": read["provider_route"], "name": "Kept"}, admin_key)
+    with tenant_context(tenant_pair.a):
+        after_keep = Bot.objects.get(public_id=bot_id).provider_route["targets"][0]["api_key"]
+    refused = _patch(client, path, {"provider_route": {"targets": [masked, dict(masked)]}}, admin_key)
+    copied = _post(client, "/api/v1/bots/", {"name": "Copy", "provider_route": read["provider_route"]}, admin_key)
+    replaced = _patch(client, path, {"provider_route": {"targets": [{**masked, "api_key": "sk-new"}]}}, admin_key)
+    with tenant_context(tenant_pair.a):
+        after_replace = Bot.objects.get(public_id=bot_id).provider_route
+
+    assert created.status_code == 201
+    for body in (created.json(), read, *listed, kept.json(), replaced.json()):
+        assert body["provider_route"]["targets"][0]["api_key"] == "********"
+        assert "sk-real" not in str(body)
+        assert "sk-new" not in str(body)
+    assert (kept.status_code, after_keep) == (200, "sk-real")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "provider_route.targets[1].api_key"
+    assert copied.status_code == 400  # a mask is never stored as a key
+    assert after_replace["targets"] == [{**route["targets"][0], "api_key": "sk-new"}]
