@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.db import connection, transaction
 from django.db.models import F
@@ -16,6 +15,7 @@ from chat.cache import cache_settings_validate
 from chat.gateway import validate_rate_limits
 from chat.models import Bot, Conversation, Message, default_generation, default_provider_route
 from chat.providers.registry import validate_route_config
+from chat.widget import origin_normalise
 from knowledge.models import KnowledgeBase
 from tenants.config_epoch import config_changed
 from tenants.errors import ValidationFailed
@@ -102,21 +102,15 @@ def validate_generation(generation: Any) -> dict:
 
 
 def validate_origins(origins: list[str]) -> list[str]:
+    """Stored as the widget compares them (chat.widget.origin_normalise)."""
     cleaned = []
     for origin in origins:
-        parts = urlsplit(origin)
-        if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or parts.path not in ("", "/")
-            or parts.query
-            or parts.fragment
-            or parts.username
-        ):
+        normalised = origin_normalise(origin)
+        if normalised is None:
             raise ValidationFailed(
                 f"{origin!r} is not an origin like https://www.example.com.", param="allowed_origins"
             )
-        cleaned.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        cleaned.append(normalised)
     return sorted(set(cleaned))
 
 
