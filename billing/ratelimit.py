@@ -436,19 +436,18 @@ async def auth_failure_register_async(*, identity: str) -> None:
 
 
 def auth_failures_peek_queue(pipe, identity: str) -> None:
-    """``auth_failures_exceeded``'s script queued on ``pipe`` (the edge's first round trip); its
-    reply goes to :func:`auth_failures_retry_after`."""
+    """``auth_failures_exceeded``'s script queued on ``pipe`` (the edge's first round trip), unless
+    the limit is switched off; its reply goes to :func:`auth_failures_retry_after`."""
     args = _auth_failure_args("peek", None)
-    if args is None:
-        pipe.echo("off")
-    else:
+    if args is not None:
         pipe.evalsha(_script_sha(), 1, auth_failure_key(identity), *args)
 
 
 async def auth_failures_retry_after(reply, *, identity: str) -> float | None:
-    """``auth_failures_exceeded``'s answer from a queued peek's reply (asked again, directly,
-    when the pipeline could not run the script: not loaded yet, Redis trouble)."""
-    if reply in (b"off", "off"):
+    """``auth_failures_exceeded``'s answer from a queued peek's reply (None: nothing was queued;
+    asked again, directly, when the pipeline could not run the script: not loaded yet, Redis
+    trouble)."""
+    if reply is None:
         return None
     if isinstance(reply, Exception):
         return await auth_failures_exceeded_async(identity=identity)

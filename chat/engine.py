@@ -110,24 +110,35 @@ SOURCES_TOKENS_RESERVED = 1_400
 FULL_HISTORY_MAX_MESSAGES = 2_000  # full replay reads at most this many from PostgreSQL
 
 
+def recent_limit(bot) -> int:
+    """How many of a conversation's newest messages (this turn's own included) the bot's history
+    strategy reads from the hot store: its window, or the whole store."""
+    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
+        return min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1)
+    return hot_store.capacity()
+
+
+def _before_turn(job: TurnJob, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [record for record in records if record["id"] != job.user_message_id and record["ts"] <= job.user_message_ts]
+
+
 def earlier_records(job: TurnJob, conversation: Conversation, bot: Bot) -> list[dict[str, Any]]:
     """The conversation's messages before this turn, oldest first: the hot store's (PostgreSQL on
     a miss); for full replay of a conversation longer than the store, PostgreSQL's as well."""
     load_newest = lambda count: selectors.message_records_newest(  # noqa: E731
         conversation_id=job.conversation_id, limit=count
     )
-    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
-        limit = min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1)
-    else:
-        limit = hot_store.capacity()
     records = hot_store.hot_recent(
-        schema_name=job.schema_name, conversation_id=job.conversation_id, limit=limit, load_newest=load_newest
+        schema_name=job.schema_name,
+        conversation_id=job.conversation_id,
+        limit=recent_limit(bot),
+        load_newest=load_newest,
     ).records
     if bot.history_strategy == Bot.HistoryStrategy.FULL and len(records) >= hot_store.capacity():
         known = {record["id"] for record in records}
         older = [record for record in load_newest(FULL_HISTORY_MAX_MESSAGES) if record["id"] not in known]
         records = sorted(older + records, key=lambda record: (record["ts"], record["id"]))
-    return [record for record in records if record["id"] != job.user_message_id and record["ts"] <= job.user_message_ts]
+    return _before_turn(job, records)
 
 
 def load_inputs(job: TurnJob) -> TurnInputs:
@@ -206,13 +217,9 @@ async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
     )
     if bot is None:  # deleted meanwhile: the ORM path reports it as it always has
         return await in_tenant(job.schema_name, load_inputs, job)
-    if records is not None and bot.history_strategy == Bot.HistoryStrategy.WINDOW:
-        records = records[-min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1) :]
     if records is None or (bot.history_strategy == Bot.HistoryStrategy.FULL and len(records) >= hot_store.capacity()):
         return await in_tenant(job.schema_name, load_inputs, job)
-    earlier = [
-        record for record in records if record["id"] != job.user_message_id and record["ts"] <= job.user_message_ts
-    ]
+    earlier = _before_turn(job, records[-recent_limit(bot) :])
     return inputs_from(
         job, bot, earlier, summary=context.get("summary", ""), summary_until_ts=context.get("summary_until_ts", 0)
     )
@@ -228,15 +235,11 @@ async def _inputs_carried(job: TurnJob, context: dict) -> TurnInputs | None:
     if bot is None:
         return None
     earlier = context["earlier"]
-    # What the hot store would have given (its capacity counts the user's message too); full
-    # replay gets everything, which the request holds.
-    if bot.history_strategy == Bot.HistoryStrategy.WINDOW:
-        keep = min(hot_store.capacity(), max(1, bot.history_window) * 2 + 1) - 1
-    elif bot.history_strategy == Bot.HistoryStrategy.SUMMARY:
-        keep = hot_store.capacity() - 1
-    else:
-        keep = len(earlier)
-    earlier = earlier[-keep:] if keep > 0 else []
+    # What the hot store would have given (its limit counts this turn's message too); full replay
+    # gets everything, which the request holds.
+    if bot.history_strategy != Bot.HistoryStrategy.FULL:
+        keep = recent_limit(bot) - 1
+        earlier = earlier[-keep:] if keep > 0 else []
     return inputs_from(job, bot, earlier, summary="", summary_until_ts=0)
 
 

@@ -24,3 +24,13 @@ ACTIVE_GENERATIONS = Gauge("parley_active_generations", "Turns being generated b
 ACTIVE_STREAMS = Gauge(
     "parley_active_streams", "Client streams (SSE, WebSocket) open on this web process.", ["transport"]
 )
+EDGE_REQUESTS = Counter(
+    "parley_edge_requests_total",
+    "OpenAI chat completions served by the ASGI edge (chat.transports.openai_edge), by status.",
+    ["status"],
+)
+EDGE_SECONDS = Histogram(
+    "parley_edge_request_seconds",
+    "Time to the response's headers at the ASGI edge.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

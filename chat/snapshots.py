@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django_tenants.utils import schema_context
-
 from chat.models import Bot
 from tenants.asyncdb import in_tenant
 from tenants.config_epoch import EpochCache
@@ -41,14 +39,11 @@ _snapshots = EpochCache()
 _NO_BOT = object()  # cached too: guessed ids must not cost a query each
 
 
-def bot_snapshot_load(
-    *, schema_name: str, public_id: str | None = None, bot_id: int | None = None
-) -> BotSnapshot | None:
-    """From PostgreSQL (two queries), in ``schema_name``; None when there is no such bot."""
-    with schema_context(schema_name):
-        bots = Bot.objects.filter(public_id=public_id) if public_id is not None else Bot.objects.filter(pk=bot_id)
-        bot = bots.first()
-        return None if bot is None else snapshot_of(bot, schema_name=schema_name)
+def _load(*, schema_name: str, public_id: str | None, bot_id: int | None) -> BotSnapshot | None:
+    """From PostgreSQL (two queries), in the active schema (``in_tenant`` sets it)."""
+    bots = Bot.objects.filter(public_id=public_id) if public_id is not None else Bot.objects.filter(pk=bot_id)
+    bot = bots.first()
+    return None if bot is None else snapshot_of(bot, schema_name=schema_name)
 
 
 def snapshot_of(bot: Bot, *, schema_name: str) -> BotSnapshot:
@@ -77,9 +72,7 @@ async def bot_snapshot_get(
     key = (schema_name, "public_id", public_id) if public_id is not None else (schema_name, "id", bot_id)
     snapshot = _snapshots.get(epoch, key)
     if snapshot is None:
-        snapshot = await in_tenant(
-            schema_name, bot_snapshot_load, schema_name=schema_name, public_id=public_id, bot_id=bot_id
-        )
+        snapshot = await in_tenant(schema_name, _load, schema_name=schema_name, public_id=public_id, bot_id=bot_id)
         if snapshot is None:
             _snapshots.put(epoch, key, _NO_BOT)
             return None

@@ -490,6 +490,14 @@ _ERROR_STATUS = {"rate_limit_error": 429, "invalid_request_error": 400}
 _CODE_STATUS = {"provider_timeout": 504, "provider_unavailable": 503}
 
 
+def generation_error(data: dict) -> ParleyError:
+    """A generation's ``error`` event as the error a waiting (non-streamed) caller answers with."""
+    status = _CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502))
+    error = ParleyError(data["message"], code=data.get("code"), status_code=status)
+    error.error_type = data.get("type", "api_error")
+    return error
+
+
 def turn_wait(*, stream_key: str, timeout_seconds: float = 600) -> WaitedTurn:
     """Block until the generation ends (for callers that did not ask for a stream), collecting
     the answer from its events.
@@ -516,10 +524,9 @@ def turn_wait(*, stream_key: str, timeout_seconds: float = 600) -> WaitedTurn:
                     return WaitedTurn(message_id=data["message_id"], error=None, text="".join(parts), done=data)
                 elif event_type == b"error":
                     data = json.loads(fields[b"data"])
-                    status = _CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502))
-                    error = ParleyError(data["message"], code=data.get("code"), status_code=status)
-                    error.error_type = data.get("type", "api_error")
-                    return WaitedTurn(message_id=data.get("message_id"), error=error, text="".join(parts))
+                    return WaitedTurn(
+                        message_id=data.get("message_id"), error=generation_error(data), text="".join(parts)
+                    )
     return WaitedTurn(
         message_id=None, error=ParleyError("The answer took too long.", code="generation_timeout", status_code=504)
     )

@@ -22,8 +22,7 @@ from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from tenants.errors import AuthenticationFailed, ParleyError, TenantSuspended
 from tenants.models import ApiKey, Membership, Tenant, User
 from tenants.redis import get_redis
-from tenants.resolution import ApiKeyRecord, api_key_resolve, tenant_and_key_resolve_async
-from tenants.resolution import tenant_hostname as tenant_hostname_of
+from tenants.resolution import ApiKeyRecord, api_key_resolve, tenant_and_key_resolve_async, tenant_hostname
 from tenants.services import api_key_hash, api_key_parse_prefix
 
 ALL_SCOPES = frozenset(ApiKey.Scope.values)
@@ -125,7 +124,7 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     return result
 
 
-async def api_key_authenticate_async(raw_key: str, *, hostname: str | None, client_ip: str, redis):
+async def api_key_authenticate_async(raw_key: str, *, host: str, client_ip: str, redis):
     """The async edge's (chat.transports.openai_edge) tenant and API key in one Redis round trip:
     the resolution cache, the configuration epoch and the brute-force limit's state together;
     then ``api_key_verify``'s checks. Returns ``(tenant, epoch, AuthContext)``."""
@@ -133,8 +132,8 @@ async def api_key_authenticate_async(raw_key: str, *, hostname: str | None, clie
 
     prefix = api_key_parse_prefix(raw_key)
     identity = f"{prefix}:{client_ip}"
-    tenant, record, epoch, (peeked,) = await tenant_and_key_resolve_async(
-        tenant_hostname_of(hostname), prefix, redis, also=lambda pipe: auth_failures_peek_queue(pipe, identity)
+    tenant, record, epoch, peeked = await tenant_and_key_resolve_async(
+        tenant_hostname(host), prefix, redis, also=lambda pipe: auth_failures_peek_queue(pipe, identity)
     )
     if tenant is None and record is not None:
         tenant = record.tenant  # no tenant host: the key's own tenant
@@ -144,7 +143,7 @@ async def api_key_authenticate_async(raw_key: str, *, hostname: str | None, clie
         raise TenantSuspended(
             f"The workspace '{tenant.slug}' is suspended; contact your administrator or Parley support."
         )
-    retry_after = await auth_failures_retry_after(peeked, identity=identity)
+    retry_after = await auth_failures_retry_after(peeked[0] if peeked else None, identity=identity)
     _user, context = await api_key_verify_async(
         raw_key, tenant=tenant, record=record, client_ip=client_ip, retry_after=retry_after
     )

@@ -101,17 +101,17 @@ _DRF_TYPES: dict[type, tuple[str, str]] = {
 }
 
 
-def _flatten_validation(detail: Any, prefix: str = "") -> tuple[str, str | None]:
+def flatten_validation(detail: Any, prefix: str = "") -> tuple[str, str | None]:
     """First field error of a DRF ValidationError as ("field: message", "field")."""
     if isinstance(detail, dict):
         for field, value in detail.items():
             name = f"{prefix}.{field}" if prefix else str(field)
             if field == "non_field_errors":
                 name = prefix
-            message, param = _flatten_validation(value, name)
+            message, param = flatten_validation(value, name)
             return message, param
     if isinstance(detail, list) and detail:
-        return _flatten_validation(detail[0], prefix)
+        return flatten_validation(detail[0], prefix)
     text = str(detail)
     return (f"{prefix}: {text}" if prefix else text), (prefix or None)
 
@@ -136,7 +136,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     elif isinstance(exc, PermissionDenied):
         exc = drf_exceptions.PermissionDenied()
     if isinstance(exc, drf_exceptions.ValidationError):
-        message, param = _flatten_validation(exc.detail)
+        message, param = flatten_validation(exc.detail)
         status = 422 if getattr(exc, "semantic", False) else 400
         return Response(
             error_body(message=message, error_type="invalid_request_error", code="invalid_request", param=param),

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django_tenants.utils import get_public_schema_name
 
+from tenants.config_epoch import EPOCH_KEY, epoch_async
 from tenants.models import ApiKey, Domain, PublicBot, Tenant
 from tenants.redis import get_redis
 
@@ -164,10 +166,6 @@ async def tenant_and_key_resolve_async(
     """``tenant_and_key_resolve`` for the async edge, with the configuration epoch
     (tenants.config_epoch) read in the same round trip — and whatever ``also(pipe)`` queues
     (its replies are returned last); the database (in a thread) on misses."""
-    from asgiref.sync import sync_to_async
-
-    from tenants.config_epoch import EPOCH_KEY, epoch_async
-
     names = [(kind, value) for kind, value in (("host", hostname), ("key", prefix)) if value]
     async with redis.pipeline(transaction=False) as pipe:
         pipe.mget([*(_cache_key(kind, value) for kind, value in names), EPOCH_KEY])

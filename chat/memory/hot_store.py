@@ -24,6 +24,7 @@ from typing import Any
 from django.conf import settings
 
 from chat.memory import records as message_records
+from tenants.config_epoch import EPOCH_KEY
 from tenants.redis import get_redis, tenant_key
 
 # Appends records; a new conversation's list is complete from its first message.
@@ -152,8 +153,6 @@ async def hot_recent_if_complete(
     """The newest ``limit`` messages when the store holds the whole recent conversation (None on
     a miss, for the caller's database path), and the configuration epoch (tenants.config_epoch)
     read in the same round trip on an asyncio client."""
-    from tenants.config_epoch import EPOCH_KEY
-
     recent, complete = _keys(schema_name, conversation_id)
     async with client.pipeline(transaction=False) as pipe:
         pipe.lrange(recent, -limit, -1)

@@ -26,10 +26,10 @@ from typing import Any
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from prometheus_client import Counter, Histogram
 
 from chat import turns
 from chat.gateway import Caller
+from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
 from chat.snapshots import bot_snapshot_get
 from chat.streams import STARTED_EVENT, StreamEvent
@@ -42,14 +42,15 @@ from chat.transports.openai_api import (
     completion_chunks,
     generation_overrides,
 )
+from chat.transports.sse import SSE_HEADERS
 from tenants.authentication import api_key_authenticate_async
 from tenants.errors import (
     NotFound,
     ParleyError,
     PermissionDeniedError,
     ValidationFailed,
-    _flatten_validation,
     error_body,
+    flatten_validation,
 )
 from tenants.redis import get_loop_redis
 from tenants.services import api_key_parse_prefix
@@ -61,12 +62,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-EDGE_REQUESTS = Counter("parley_edge_requests_total", "Requests served by the ASGI edge.", ["status"])
-EDGE_SECONDS = Histogram(
-    "parley_edge_request_seconds",
-    "Time to the response's headers at the ASGI edge.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
 
 _FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
@@ -80,14 +75,15 @@ class OpenAIEdge:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
+        is_ours = (
             scope["type"] == "http"
             and scope["path"] == PATH
             and scope["method"] == "POST"
             and settings.PARLEY_OPENAI_EDGE
-            and _api_key_of(scope) is not None
-        ):
-            await _serve(scope, receive, send)
+        )
+        raw_key = _api_key_of(scope) if is_ours else None
+        if raw_key is not None:
+            await _serve(scope, receive, send, raw_key)
         else:  # other paths, and other credentials (JWT, OAuth2, a session): Django's
             await self.app(scope, receive, send)
 
@@ -103,7 +99,7 @@ def _api_key_of(scope: Scope) -> str | None:
     return None
 
 
-async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
+async def _serve(scope: Scope, receive: Receive, send: Send, raw_key: str) -> None:
     started = time.perf_counter()
     headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
     structlog.contextvars.clear_contextvars()
@@ -116,7 +112,7 @@ async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
         await send(message)
 
     try:
-        status = await _complete(scope, headers, receive, tracked_send)
+        status = await _complete(scope, headers, raw_key, receive, tracked_send)
     except Exception as error:
         if response_started:  # mid-stream: the status is sent; the client sees the stream end
             logger.exception("edge_stream_failed", path=PATH)
@@ -150,14 +146,13 @@ async def _send_error(send: Send, error: ParleyError) -> int:
     return error.status_code
 
 
-async def _complete(scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> int:
+async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive: Receive, send: Send) -> int:
     started = time.perf_counter()
     body = await _read_body(receive, headers)
-    raw_key = _api_key_of(scope)
     redis = get_loop_redis()
     client = scope.get("client") or ("", 0)
     tenant, epoch, context = await api_key_authenticate_async(
-        raw_key, hostname=headers.get("host", ""), client_ip=client[0] or "", redis=redis
+        raw_key, host=headers.get("host", ""), client_ip=client[0] or "", redis=redis
     )
     structlog.contextvars.bind_contextvars(tenant=tenant.slug)
     if "chat" not in context.scopes and "admin" not in context.scopes:
@@ -226,14 +221,7 @@ async def _stream(send, turn, data, completion_id, created, model, headers, star
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": _encode(
-                    {
-                        "Content-Type": "text/event-stream; charset=utf-8",
-                        "Cache-Control": "no-cache, no-transform",
-                        "X-Accel-Buffering": "no",
-                        **headers,
-                    }
-                ),
+                "headers": _encode({**SSE_HEADERS, **headers}),
             }
         )
         EDGE_SECONDS.observe(time.perf_counter() - started)
@@ -259,10 +247,6 @@ async def _then(held: list[StreamEvent], events: AsyncIterator[StreamEvent | Non
         yield event
 
 
-_ERROR_STATUS = {"rate_limit_error": 429, "invalid_request_error": 400}
-_CODE_STATUS = {"provider_timeout": 504, "provider_unavailable": 503}
-
-
 async def _answer(send, turn, completion_id, created, bot, headers, started) -> int:
     parts: list[str] = []
     done: dict = {}
@@ -274,14 +258,7 @@ async def _answer(send, turn, completion_id, created, bot, headers, started) -> 
         elif event.type == "done":
             done = event.data
         elif event.type == "error":
-            data = event.data
-            error = ParleyError(
-                data["message"],
-                code=data.get("code"),
-                status_code=_CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502)),
-            )
-            error.error_type = data.get("type", "api_error")
-            raise error
+            raise turns.generation_error(event.data)
     body = completion_body(
         completion_id=completion_id,
         created=created,
@@ -332,7 +309,7 @@ def _serializer_validated(data: Any) -> dict:
     """The view's serializer: its cleaned data, or its first error as the view would render it."""
     serializer = ChatCompletionInputSerializer(data=data)
     if not serializer.is_valid():
-        message, param = _flatten_validation(serializer.errors)
+        message, param = flatten_validation(serializer.errors)
         raise ValidationFailed(message, param=param)
     return dict(serializer.validated_data)
 

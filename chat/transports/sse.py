@@ -18,6 +18,12 @@ from chat.streams import StreamEvent
 from chat.transports.hub import follow
 
 HEARTBEAT_MS = 15_000
+# Every event stream's headers (Django's responses and the ASGI edge's alike).
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
 HEARTBEAT = b": keep-alive\n\n"
 RECONNECT_MS = 2_000
 
@@ -43,10 +49,8 @@ def sse_response(body: AsyncIterator[bytes], *, headers: dict[str, str] | None =
     connection and the next requests failed waiting for one."""
     if not connection.in_atomic_block:
         connection.close()
-    response = StreamingHttpResponse(body, content_type="text/event-stream; charset=utf-8")
-    response["Cache-Control"] = "no-cache, no-transform"
-    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
-    for name, value in (headers or {}).items():
+    response = StreamingHttpResponse(body, content_type=SSE_HEADERS["Content-Type"])
+    for name, value in {**SSE_HEADERS, **(headers or {})}.items():
         response[name] = value
     return response
 
