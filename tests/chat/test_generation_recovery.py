@@ -18,13 +18,12 @@ from chat.models import Message
 from chat.providers.local import LocalProvider
 from chat.streams import JOBS_GROUP, JOBS_STREAM, generation_stream_key
 from tenants.redis import get_redis
-from tests.chat.test_turns import _events as _stream_events
-from tests.chat.turn_fixtures import WorkerThread
+from tests.chat.turn_fixtures import WorkerThread, sse_events
 from tests.factories import bearer
 
 
 def _events(response) -> list[tuple[str, dict]]:
-    return [(event_type, data) for _id, event_type, data in _stream_events(response)]
+    return [(event_type, data) for _id, event_type, data in sse_events(response)]
 
 
 def test_an_answer_longer_than_the_claim_timeout_is_not_taken_over(live, django_db_blocker):

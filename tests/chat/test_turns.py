@@ -4,18 +4,16 @@ removed afterwards."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.test import Client
 from django_tenants.utils import tenant_context
 
 from chat.memory.persistence import messages_flush
 from chat.models import Message
 from chat.providers.local import LocalProvider
-from tests.chat.turn_fixtures import FailingProvider
+from tests.chat.turn_fixtures import FailingProvider, sse_events
 from tests.factories import bearer, make_api_key
 
 
@@ -27,19 +25,6 @@ def _post(client, live, content, **extra):
         **bearer(live["raw"]),
         **extra,
     )
-
-
-def _events(response) -> list[tuple[str, str, dict]]:
-    async def read_all() -> bytes:
-        return b"".join([chunk async for chunk in response.streaming_content])
-
-    body = async_to_sync(read_all)().decode()
-    events = []
-    for block in body.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["id"], fields["event"], json.loads(fields["data"])))
-    return events
 
 
 def test_turn_answers_from_knowledge_and_stores_metrics(worker, live):
@@ -69,7 +54,7 @@ def test_turn_answers_from_knowledge_and_stores_metrics(worker, live):
 def test_sse_stream_has_typed_ordered_events(worker, live):
     response = _post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
 
-    events = _events(response)
+    events = sse_events(response)
     types = [event_type for _id, event_type, _data in events]
     assert response["Content-Type"].startswith("text/event-stream")
     assert types[0] == "message.created"
@@ -87,11 +72,11 @@ def test_sse_stream_has_typed_ordered_events(worker, live):
 
 
 def test_resume_with_last_event_id_continues_exactly(worker, live):
-    first = _events(_post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream"))
+    first = sse_events(_post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream"))
     generation_id = first[0][2]["generation_id"]
     cut = len(first) // 2
 
-    resumed = _events(
+    resumed = sse_events(
         Client().get(
             f"/api/v1/generations/{generation_id}/events/", HTTP_LAST_EVENT_ID=first[cut][0], **bearer(live["raw"])
         )
@@ -107,7 +92,7 @@ def test_cancel_stops_generation_and_keeps_partial_answer(worker, live, provider
     generation_id = started["X-Parley-Generation-Id"]
 
     cancel = client.post(f"/api/v1/generations/{generation_id}/cancel/", **bearer(live["raw"]))
-    events = _events(started)
+    events = sse_events(started)
 
     assert cancel.status_code == 202
     assert events[-1][1] == "done"
@@ -123,7 +108,7 @@ def test_provider_failure_is_a_clear_error(worker, live, provider_choice):
     provider_choice["provider"] = FailingProvider()
 
     response = _post(Client(), live, "anything")
-    streamed = _events(_post(Client(), live, "anything", HTTP_ACCEPT="text/event-stream"))
+    streamed = sse_events(_post(Client(), live, "anything", HTTP_ACCEPT="text/event-stream"))
 
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "provider_unavailable"
@@ -154,7 +139,7 @@ def test_bad_message_refused_and_nothing_stored_case(live, django_db_blocker, co
 
 
 def test_other_end_user_cannot_follow_or_cancel(worker, live, django_db_blocker):
-    first = _events(_post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream"))
+    first = sse_events(_post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream"))
     generation_id = first[0][2]["generation_id"]
     with django_db_blocker.unblock():
         other, other_raw = make_api_key(live["tenant"], scopes=["chat"])
@@ -228,11 +213,11 @@ def test_an_exact_hit_is_answered_at_the_edge_without_a_worker(worker, live, dja
 def test_streamed_answers_carry_the_cache_layer_header_and_event(worker, live, django_db_blocker, provider_choice):
     _deterministic(live, django_db_blocker)
     first = _post(Client(), live, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
-    first_events = _events(first)
+    first_events = sse_events(first)
     provider_choice["provider"] = FailingProvider()
     live_again = {**live, "conversation": _new_conversation(live, django_db_blocker)}
     second = _post(Client(), live_again, "How are refunds paid?", HTTP_ACCEPT="text/event-stream")
-    second_events = _events(second)
+    second_events = sse_events(second)
 
     assert (first["X-Parley-Cache"], second["X-Parley-Cache"]) == ("miss", "exact")
     started = [data for _id, event_type, data in second_events if event_type == "generation.started"]

@@ -13,7 +13,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.test import Client
 from django_tenants.utils import tenant_context
@@ -23,6 +22,7 @@ from chat.memory.persistence import messages_flush
 from chat.models import Bot, Conversation, Message
 from chat.providers.local import LocalProvider
 from tenants.errors import AuthenticationFailed
+from tests.chat.turn_fixtures import sse_events
 
 ORIGIN = "https://shop.example.com"
 OTHER_ORIGIN = "https://evil.example.com"
@@ -67,19 +67,6 @@ def _get(bot, path: str, token: str, **extra):
 
 def _post(bot, path: str, token: str, body: dict | None = None, **extra):
     return Client().post(_url(bot, path), body or {}, content_type="application/json", **_headers(token), **extra)
-
-
-def _events(response) -> list[tuple[str, str, dict]]:
-    async def read_all() -> bytes:
-        return b"".join([chunk async for chunk in response.streaming_content])
-
-    body = async_to_sync(read_all)().decode()
-    events = []
-    for block in body.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["id"], fields["event"], json.loads(fields["data"])))
-    return events
 
 
 def _conversation(bot, token: str) -> str:
@@ -480,7 +467,7 @@ def test_visitor_asks_streams_answer_and_sees_history_when_returning(worker, bot
     conversation_id = _conversation(bot, token)
 
     response = _ask(bot, token, conversation_id, "How many days do I have to return an item?")
-    events = _events(response)
+    events = sse_events(response)
 
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/event-stream")
@@ -509,11 +496,11 @@ def test_resume_with_last_event_id_and_cancel(worker, bot, provider_choice):
     provider_choice["provider"] = LocalProvider(seconds_per_word=0.02)
     token = _token(bot)
     conversation_id = _conversation(bot, token)
-    first = _events(_ask(bot, token, conversation_id, "How are refunds paid?"))
+    first = sse_events(_ask(bot, token, conversation_id, "How are refunds paid?"))
     generation_id = first[0][2]["generation_id"]
     cut = 3
 
-    resumed = _events(
+    resumed = sse_events(
         Client().get(
             _url(bot, f"generations/{generation_id}/events/"), HTTP_LAST_EVENT_ID=first[cut][0], **_headers(token)
         )
@@ -527,7 +514,7 @@ def test_resume_with_last_event_id_and_cancel(worker, bot, provider_choice):
 def test_another_visitor_cannot_read_post_follow_or_cancel(worker, bot):
     token = _token(bot)
     conversation_id = _conversation(bot, token)
-    events = _events(_ask(bot, token, conversation_id, "How are refunds paid?"))
+    events = sse_events(_ask(bot, token, conversation_id, "How are refunds paid?"))
     generation_id = events[0][2]["generation_id"]
     intruder = _token(bot, visitor_id="intruder-visitor")
 
@@ -572,7 +559,7 @@ def test_bad_message_refused_and_nothing_stored_case(bot, live, content, code):
 def test_feedback_on_own_answer_is_stored(worker, bot, live):
     token = _token(bot)
     conversation_id = _conversation(bot, token)
-    events = _events(_ask(bot, token, conversation_id, "How are refunds paid?"))
+    events = sse_events(_ask(bot, token, conversation_id, "How are refunds paid?"))
     answer_id = events[-1][2]["message_id"]
     question_id = events[0][2]["message_id"]
     path = f"conversations/{conversation_id}/messages/"

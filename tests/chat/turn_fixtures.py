@@ -4,10 +4,12 @@ committed bot with knowledge. Import them into a test module to use them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
 import redis.asyncio as aioredis
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django_tenants.utils import tenant_context
 
@@ -20,6 +22,21 @@ from knowledge.models import KnowledgeBase
 from knowledge.services import knowledge_base_create
 from tenants.models import ApiKey
 from tests.factories import ingest_text, make_api_key
+
+
+def sse_events(response) -> list[tuple[str, str, dict]]:
+    """A Django streaming response's SSE events as (id, type, data), comments skipped."""
+
+    async def read_all() -> bytes:
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    body = async_to_sync(read_all)().decode()
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            events.append((fields["id"], fields["event"], json.loads(fields["data"])))
+    return events
 
 
 class FailingProvider(Provider):
