@@ -148,6 +148,21 @@ def mock_start(
     return group
 
 
+def mock_route(mock: ServerGroup) -> dict:
+    """A bot's provider route to the mock, through the lean aiohttp client."""
+    return {
+        "targets": [
+            {
+                "kind": "openai",
+                "name": "mock",
+                "base_url": f"{mock.urls[0]}/v1",
+                "model": MOCK_MODEL,
+                "client": "aiohttp",
+            }
+        ]
+    }
+
+
 # --- Parley ------------------------------------------------------------------------------------
 
 

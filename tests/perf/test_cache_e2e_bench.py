@@ -60,17 +60,7 @@ def cache_bench(tenant_pair, django_db_blocker):
             bot = bot_create(
                 name="Cache benchmark",
                 system_prompt="Answer support questions briefly.",
-                provider_route={
-                    "targets": [
-                        {
-                            "kind": "openai",
-                            "name": "mock",
-                            "base_url": f"{mock.urls[0]}/v1",
-                            "model": chat_servers.MOCK_MODEL,
-                            "client": "aiohttp",
-                        }
-                    ]
-                },
+                provider_route=chat_servers.mock_route(mock),
                 generation={"temperature": 0.0, "max_tokens": 64},
             )
     try:

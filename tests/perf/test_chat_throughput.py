@@ -119,21 +119,14 @@ def mock_model():
 def parley_bot(tenant_pair, django_db_blocker, mock_model):
     """A committed bot routed to the mock with the lean aiohttp client, and a chat-scope API key.
     Removed afterwards with every conversation the benchmark stored, and its Redis streams."""
-    route = {
-        "targets": [
-            {
-                "kind": "openai",
-                "name": "mock",
-                "base_url": f"{mock_model.urls[0]}/v1",
-                "model": chat_servers.MOCK_MODEL,
-                "client": "aiohttp",
-            }
-        ]
-    }
     with django_db_blocker.unblock():
         api_key, raw_key = make_api_key(tenant_pair.a, scopes=["chat"], name="chat throughput benchmark")
         with tenant_context(tenant_pair.a):
-            bot = bot_create(name="Throughput benchmark", system_prompt="Answer briefly.", provider_route=route)
+            bot = bot_create(
+                name="Throughput benchmark",
+                system_prompt="Answer briefly.",
+                provider_route=chat_servers.mock_route(mock_model),
+            )
         limits = gateway_unlimited(tenant_pair.a, api_key)
         limits.__enter__()
     yield {"bot": bot, "raw_key": raw_key, "schema": tenant_pair.a.schema_name}

@@ -72,17 +72,7 @@ def sse_deployment(tenant_pair, django_db_blocker):
         with tenant_context(tenant_pair.a):
             bot = bot_create(
                 name="Open connections benchmark",
-                provider_route={
-                    "targets": [
-                        {
-                            "kind": "openai",
-                            "name": "mock",
-                            "base_url": f"{mock.urls[0]}/v1",
-                            "model": chat_servers.MOCK_MODEL,
-                            "client": "aiohttp",
-                        }
-                    ]
-                },
+                provider_route=chat_servers.mock_route(mock),
             )
     try:
         groups.append(
