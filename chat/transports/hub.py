@@ -177,20 +177,44 @@ def get_hub() -> StreamHub:
     return hub
 
 
-async def follow(key: str, *, after: str = "0-0", block_ms: int = 15_000) -> AsyncIterator[StreamEvent | None]:
-    """Events of the stream after ``after`` until a terminal one; ``None`` after ``block_ms``
-    without an event (the transport's heartbeat). The same contract as chat.streams.read."""
+async def follow_batches(
+    key: str, *, after: str = "0-0", block_ms: int = 15_000
+) -> AsyncIterator[list[StreamEvent] | None]:
+    """The stream's events after ``after`` as they arrive, each batch everything that had arrived
+    by then, until a terminal one; ``None`` after ``block_ms`` without an event (the transport's
+    heartbeat). A transport writes a batch to its client at once: a burst of events (a fast model
+    flushing its tokens with the answer's end) costs one socket write, not one per event."""
     hub = get_hub()
     subscription = await hub.subscribe(key, after)
+    queue = subscription.queue
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(subscription.queue.get(), block_ms / 1000)
-            except TimeoutError:
-                yield None
-                continue
-            yield event
-            if event.is_terminal:
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(block_ms / 1000):
+                        first = await queue.get()
+                except TimeoutError:
+                    yield None
+                    continue
+            else:
+                first = queue.get_nowait()
+            batch = [first]
+            while not batch[-1].is_terminal and not queue.empty():
+                batch.append(queue.get_nowait())
+            yield batch
+            if batch[-1].is_terminal:
                 return
     finally:
         await hub.unsubscribe(subscription)
+
+
+async def follow(key: str, *, after: str = "0-0", block_ms: int = 15_000) -> AsyncIterator[StreamEvent | None]:
+    """Events of the stream after ``after`` until a terminal one; ``None`` after ``block_ms``
+    without an event (the transport's heartbeat). The same contract as chat.streams.read."""
+    async with contextlib.aclosing(follow_batches(key, after=after, block_ms=block_ms)) as batches:
+        async for batch in batches:
+            if batch is None:
+                yield None
+                continue
+            for event in batch:
+                yield event

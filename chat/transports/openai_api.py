@@ -188,29 +188,40 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_rea
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def completion_chunks(
-    events: AsyncIterator[StreamEvent | None], *, completion_id: str, created: int, model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """A generation's events (``None``: a quiet interval) as OpenAI chunks, ending with ``data: [DONE]``."""
-    yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-    async for event in events:
+DONE_CHUNK = b"data: [DONE]\n\n"
+
+
+class ChunkEncoder:
+    """A generation's events as ``chat.completion.chunk`` server-sent events."""
+
+    def __init__(self, *, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.completion_id, self.created, self.model = completion_id, created, model
+        self.include_usage = include_usage
+
+    def opening(self) -> bytes:
+        return _chunk(self.completion_id, self.created, self.model, {"role": "assistant", "content": ""}, None)
+
+    def encode(self, event: StreamEvent | None) -> bytes:
+        """The chunk(s) of one event (``None``: a quiet interval); empty for events the API has no chunk for."""
         if event is None:
-            yield b": keep-alive\n\n"
-        elif event.type == "token":
-            yield _chunk(completion_id, created, model, {"content": event.data["text"]}, None)
-        elif event.type == "done":
-            yield _chunk(completion_id, created, model, {}, finish_reason_of(event.data.get("finish_reason", "")))
-            if include_usage and event.data.get("usage"):
+            return b": keep-alive\n\n"
+        if event.type == "token":
+            return _chunk(self.completion_id, self.created, self.model, {"content": event.data["text"]}, None)
+        if event.type == "done":
+            finish = finish_reason_of(event.data.get("finish_reason", ""))
+            chunk = _chunk(self.completion_id, self.created, self.model, {}, finish)
+            if self.include_usage and event.data.get("usage"):
                 usage = {
-                    "id": completion_id,
+                    "id": self.completion_id,
                     "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
+                    "created": self.created,
+                    "model": self.model,
                     "choices": [],
                     "usage": event.data["usage"],
                 }
-                yield b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
-        elif event.type == "error":
+                chunk += b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+            return chunk
+        if event.type == "error":
             # The SDKs raise an APIError for a chunk that carries "error".
             error = {
                 "error": {
@@ -219,5 +230,18 @@ async def completion_chunks(
                     "code": event.data.get("code"),
                 }
             }
-            yield b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
+            return b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+        return b""
+
+
+async def completion_chunks(
+    events: AsyncIterator[StreamEvent | None], *, completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """A generation's events (``None``: a quiet interval) as OpenAI chunks, ending with ``data: [DONE]``."""
+    encoder = ChunkEncoder(completion_id=completion_id, created=created, model=model, include_usage=include_usage)
+    yield encoder.opening()
+    async for event in events:
+        chunk = encoder.encode(event)
+        if chunk:
+            yield chunk
+    yield DONE_CHUNK

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -32,14 +32,15 @@ from chat.gateway import Caller
 from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
 from chat.snapshots import bot_snapshot_get
-from chat.streams import STARTED_EVENT, StreamEvent
-from chat.transports.hub import follow
+from chat.streams import STARTED_EVENT
+from chat.transports.hub import follow_batches
 from chat.transports.openai_api import (
+    DONE_CHUNK,
     MAX_MESSAGES,
     ROLES,
     ChatCompletionInputSerializer,
+    ChunkEncoder,
     completion_body,
-    completion_chunks,
     generation_overrides,
 )
 from chat.transports.sse import SSE_HEADERS
@@ -201,64 +202,59 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
 
 async def _stream(send, turn, data, completion_id, created, model, headers, started) -> None:
     """The chunks, after the worker's cache decision (for ``X-Parley-Cache``), from one
-    subscription to the generation's stream: the events read while waiting for the decision
-    become chunks first."""
-    async with contextlib.aclosing(follow(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS)) as events:
-        layer, held = turn.cache_layer, []
+    subscription to the generation's stream. Each batch of events that arrived together is one
+    write: the opening chunk goes out with the first token, the last tokens with the end."""
+    encoder = ChunkEncoder(
+        completion_id=completion_id,
+        created=created,
+        model=model,
+        include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
+    )
+    batches = follow_batches(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS)
+    async with contextlib.aclosing(batches):
+        layer, held, is_ended = turn.cache_layer, [], False
         if layer is None:
-            async for event in events:
-                if event is None:
+            async for batch in batches:
+                if batch is None:
                     break  # no decision within the wait: start without the header
-                held.append(event)
-                if event.type == STARTED_EVENT:
-                    layer = event.data.get("cache")
-                    break
-                if event.is_terminal:
+                held += batch
+                decision = next((event for event in batch if event.type == STARTED_EVENT), None)
+                is_ended = batch[-1].is_terminal
+                if decision is not None or is_ended:
+                    layer = decision.data.get("cache") if decision is not None else None
                     break
         if layer is not None:
             headers["X-Parley-Cache"] = layer
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": _encode({**SSE_HEADERS, **headers}),
-            }
-        )
+        await send({"type": "http.response.start", "status": 200, "headers": _encode({**SSE_HEADERS, **headers})})
         EDGE_SECONDS.observe(time.perf_counter() - started)
-        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        async for chunk in completion_chunks(
-            _then(held, events),
-            completion_id=completion_id,
-            created=created,
-            model=model,
-            include_usage=include_usage,
-        ):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _then(held: list[StreamEvent], events: AsyncIterator[StreamEvent | None]):
-    """The events already read, then the rest of the stream (unless it has ended)."""
-    for event in held:
-        yield event
-    if held and held[-1].is_terminal:
-        return
-    async for event in events:
-        yield event
+        chunks = [encoder.encode(event) for event in held]
+        body = encoder.opening() + b"".join(chunks)
+        if not is_ended and any(chunks):  # the first token came with the decision
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            body = b""
+        if not is_ended:
+            async for batch in batches:
+                body += encoder.encode(None) if batch is None else b"".join(map(encoder.encode, batch))
+                if batch is not None and batch[-1].is_terminal:
+                    break
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                body = b""
+        await send({"type": "http.response.body", "body": body + DONE_CHUNK, "more_body": False})
 
 
 async def _answer(send, turn, completion_id, created, bot, headers, started) -> int:
     parts: list[str] = []
     done: dict = {}
-    async for event in follow(turn.stream_key, block_ms=600_000):
-        if event is None:
+    async for batch in follow_batches(turn.stream_key, block_ms=600_000):
+        if batch is None:
             raise ParleyError("The answer took too long.", code="generation_timeout", status_code=504)
-        if event.type == "token":
-            parts.append(event.data["text"])
-        elif event.type == "done":
-            done = event.data
-        elif event.type == "error":
-            raise turns.generation_error(event.data)
+        for event in batch:
+            if event.type == "token":
+                parts.append(event.data["text"])
+            elif event.type == "done":
+                done = event.data
+            elif event.type == "error":
+                raise turns.generation_error(event.data)
     body = completion_body(
         completion_id=completion_id,
         created=created,

@@ -15,7 +15,7 @@ from django.http import StreamingHttpResponse
 
 from chat.metrics import ACTIVE_STREAMS
 from chat.streams import StreamEvent
-from chat.transports.hub import follow
+from chat.transports.hub import follow_batches
 
 HEARTBEAT_MS = 15_000
 # Every event stream's headers (Django's responses and the ASGI edge's alike).
@@ -37,8 +37,8 @@ async def event_stream(stream_key: str, *, after: str = "0-0") -> AsyncIterator[
     ACTIVE_STREAMS.labels("sse").inc()
     try:
         yield f"retry: {RECONNECT_MS}\n\n".encode()
-        async for event in follow(stream_key, after=after, block_ms=HEARTBEAT_MS):
-            yield HEARTBEAT if event is None else format_event(event)
+        async for batch in follow_batches(stream_key, after=after, block_ms=HEARTBEAT_MS):
+            yield HEARTBEAT if batch is None else b"".join(map(format_event, batch))
     finally:
         ACTIVE_STREAMS.labels("sse").dec()
 

@@ -124,6 +124,36 @@ async def test_the_hub_follows_many_streams_over_one_connection():
         assert "".join(event.data.get("text", "") for event in events) == "0 1 2 "
 
 
+async def test_events_that_arrive_together_come_as_one_batch_then_each_as_it_comes():
+    from chat.streams import publish
+    from chat.transports.hub import follow_batches
+    from tenants.redis import get_loop_redis
+
+    redis = get_loop_redis()
+    key = "t:test:gen:hub-batches"
+    for text in ("a", "b", "c"):  # written before anyone follows: read in one XREAD
+        await publish(redis, key, "token", {"text": text})
+    batches = follow_batches(key, block_ms=5_000)
+    first = await asyncio.wait_for(anext(batches), 2)
+    await publish(redis, key, "token", {"text": "d"})
+    second = await asyncio.wait_for(anext(batches), 2)
+    await publish(redis, key, "done", {"finish_reason": "stop"})
+    third = await asyncio.wait_for(anext(batches), 2)
+    await batches.aclose()
+
+    assert [event.data["text"] for event in first] == ["a", "b", "c"]
+    assert [event.data["text"] for event in second] == ["d"]
+    assert [event.type for event in third] == ["done"]
+
+
+async def test_a_quiet_stream_yields_none_for_the_heartbeat():
+    from chat.transports.hub import follow_batches
+
+    batches = follow_batches("t:test:gen:hub-quiet", block_ms=50)
+    assert await asyncio.wait_for(anext(batches), 2) is None
+    await batches.aclose()
+
+
 async def test_the_hub_catches_an_event_whose_notification_was_lost(monkeypatch):
     from chat.transports import hub
     from tenants.redis import get_loop_redis
