@@ -55,7 +55,14 @@ class TurnJob:
     gateway: dict | None = None
     # What the worker would otherwise query the conversation for: {"bot_id", "summary",
     # "summary_until_ts"}. With it (and the bot's snapshot, chat.snapshots) a turn needs no SQL.
+    # From the OpenAI edge also "earlier" (the exchange's messages), "epoch" and "inbox" (the
+    # starting web process's notification channel, chat.transports.hub).
     context: dict | None = None
+
+    @property
+    def inbox(self) -> str | None:
+        """The notification channel of the web process that started the turn, if it has one."""
+        return (self.context or {}).get("inbox")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -399,7 +406,7 @@ async def run_turn(
     started = time.perf_counter()
     outcome = TurnOutcome()
     inputs = await load_inputs_async(job, redis)
-    publisher = CoalescingPublisher(redis, stream_key, is_buffered=not job.is_streamed)
+    publisher = CoalescingPublisher(redis, stream_key, is_buffered=not job.is_streamed, inbox=job.inbox)
     lookup = cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
     # The web side holds an SSE response's headers for this event (X-Parley-Cache).

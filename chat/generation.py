@@ -133,6 +133,7 @@ class GenerationWorker:
                     "type": "server_error",
                     "code": "generation_failed",
                 },
+                inbox=job.inbox,
             )
         finally:
             ACTIVE_GENERATIONS.dec()
@@ -182,5 +183,6 @@ class GenerationWorker:
                 "message_id": message_id,
                 "partial_text_length": len(text),
             },
+            inbox=job.inbox,
         )
         return True

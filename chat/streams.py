@@ -26,6 +26,8 @@ logger = structlog.get_logger(__name__)
 
 STREAM_TTL_SECONDS = 3600
 FRAME_SECONDS = 0.02  # tokens arriving within one frame (50 per second) share one event
+# How long an announced event (generation.started) waits for a first token to share its write.
+ANNOUNCE_GRACE_SECONDS = 0.003
 STREAM_MAX_EVENTS = 50_000  # far above any answer; bounds a runaway generation's memory
 TERMINAL_EVENTS = frozenset({"done", "error"})
 # A worker took the turn and looked it up in the response cache: {"cache": "exact"|"semantic"|"miss"}.
@@ -37,6 +39,15 @@ JOBS_GROUP = "generators"
 def notify_channel(stream_key: str) -> str:
     """The pub/sub channel on which writers announce new events of a stream (chat.transports.hub)."""
     return f"{stream_key}:n"
+
+
+def notify_on(pipe, stream_key: str, inbox: str | None = None) -> None:
+    """Announce new events of a stream: on its own channel (any process following it), and on the
+    inbox of the web process that started the turn, when its job names one (that process follows
+    its own turns without a channel subscription per stream; chat.transports.hub)."""
+    pipe.publish(notify_channel(stream_key), b"")
+    if inbox:
+        pipe.publish(inbox, stream_key)
 
 
 def generation_stream_key(schema_name: str, generation_id: str) -> str:
@@ -63,7 +74,9 @@ class StreamEvent:
         return self.type in TERMINAL_EVENTS
 
 
-async def publish(redis: aioredis.Redis, key: str, event_type: str, data: dict[str, Any]) -> str:
+async def publish(
+    redis: aioredis.Redis, key: str, event_type: str, data: dict[str, Any], *, inbox: str | None = None
+) -> str:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xadd(
             key,
@@ -72,7 +85,7 @@ async def publish(redis: aioredis.Redis, key: str, event_type: str, data: dict[s
             approximate=True,
         )
         pipe.expire(key, STREAM_TTL_SECONDS)
-        pipe.publish(notify_channel(key), b"")
+        notify_on(pipe, key, inbox)
         entry_id, *_rest = await pipe.execute()
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
@@ -88,10 +101,17 @@ class CoalescingPublisher:
     """
 
     def __init__(
-        self, redis: aioredis.Redis, key: str, *, frame_seconds: float = FRAME_SECONDS, is_buffered: bool = False
+        self,
+        redis: aioredis.Redis,
+        key: str,
+        *,
+        frame_seconds: float = FRAME_SECONDS,
+        is_buffered: bool = False,
+        inbox: str | None = None,
     ) -> None:
         self.redis = redis
         self.key = key
+        self.inbox = inbox  # the starting web process's notification channel (notify_on)
         self.frame_seconds = frame_seconds
         # Nobody watches the tokens arrive (a non-streamed request waits for the end): everything
         # is written once, with the terminal event (close_on).
@@ -117,12 +137,18 @@ class CoalescingPublisher:
             self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
 
     def announce(self, event_type: str, data: dict[str, Any]) -> None:
-        """Publish an event now, in the background and outside the token frames: the caller goes
-        on (calling the model) while it is written, and it delays no token after it. Events
-        added later still follow it: every write takes what is pending, in order, under the lock."""
+        """Publish an event soon, in the background and outside the token frames: the caller goes
+        on (calling the model), and it delays no token after it. A write within ``ANNOUNCE_GRACE``
+        (a fast model's first token) takes it along — one write and one notification instead of
+        two; otherwise it is written alone when the grace ends. Events added later still follow
+        it: every write takes what is pending, in order, under the lock."""
         self._pending.append((event_type, dict(data)))
-        if self.is_buffered:
+        if self.is_buffered or self._timer is not None:
             return
+        self._timer = asyncio.get_running_loop().call_later(ANNOUNCE_GRACE_SECONDS, self._announce_later)
+
+    def _announce_later(self) -> None:
+        self._timer = None
         task = asyncio.ensure_future(self.flush(is_out_of_frame=True))
         self._background.add(task)
         task.add_done_callback(self._background_done)
@@ -158,7 +184,7 @@ class CoalescingPublisher:
             )
         if is_terminal or self.writes == 0:
             pipe.expire(self.key, STREAM_TTL_SECONDS)
-        pipe.publish(notify_channel(self.key), b"")
+        notify_on(pipe, self.key, self.inbox)
         self.writes += 1
 
     def _flush_later(self) -> None:

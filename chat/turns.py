@@ -33,7 +33,6 @@ from chat.streams import (
     cancel_key,
     generation_owner_key,
     generation_stream_key,
-    notify_channel,
 )
 from tenants.errors import NotFound, ParleyError, ValidationFailed
 from tenants.redis import get_redis
@@ -166,7 +165,8 @@ def _queue_turn(pipe, job: TurnJob, *, owner: dict, created: dict, hit: CachedAn
     pipe.set(generation_owner_key(job.schema_name, job.generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
     pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
     pipe.expire(stream_key, STREAM_TTL_SECONDS)
-    pipe.publish(notify_channel(stream_key), b"")
+    # No notification: nobody follows a generation before it is started; its followers read what
+    # was written before they came (chat.transports.hub).
     if hit is None:
         pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
         return None
@@ -183,10 +183,13 @@ async def turn_start_from_messages_async(
     caller: Caller,
     epoch: bytes,
     redis,
+    generation_id: str | None = None,
+    inbox: str | None = None,
 ) -> AsyncStartedTurn:
     """``turn_start_from_messages`` for the async edge (chat.transports.openai_edge): the same turn
     without SQL or threads. The conversation's row goes to the batch writer with its messages
-    (chat.memory.persistence), and the gateway reads its policy per configuration epoch."""
+    (chat.memory.persistence), and the gateway reads its policy per configuration epoch.
+    ``inbox``: the channel the worker notifies besides the stream's own (chat.transports.hub)."""
     validate_content(messages[-1]["content"])
     max_tokens = overrides.get("max_tokens", bot.generation.get("max_tokens"))
     admission = await gateway.admit_async(
@@ -196,7 +199,7 @@ async def turn_start_from_messages_async(
         epoch=epoch,
     )
     schema_name = bot.schema_name
-    generation_id = str(uuid.uuid4())
+    generation_id = generation_id or str(uuid.uuid4())
     conversation_id = str(uuid.uuid4())
     now = timezone.now()
     now_ts = timestamp_of(now)
@@ -219,6 +222,7 @@ async def turn_start_from_messages_async(
             "summary_until_ts": 0,
             "epoch": epoch.decode(),
             "earlier": records[:-1],
+            "inbox": inbox,
         },
     )
     stream_key = generation_stream_key(schema_name, generation_id)
@@ -408,7 +412,6 @@ def _answer_from_cache(pipe, job: TurnJob, hit: CachedAnswer, started_at: float)
     ]
     for event_type, data in events:
         pipe.xadd(stream_key, {"type": event_type, "data": json.dumps(data, separators=(",", ":"))})
-    pipe.publish(notify_channel(stream_key), b"")
     return outcome
 
 

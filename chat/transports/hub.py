@@ -11,12 +11,19 @@ at once after the listener recovers, and a slow sweep (``SWEEP_SECONDS``) re-rea
 so an event is at worst that late, never lost. The sweep is kept slow on purpose: re-reading
 5,000 idle streams every second cost a web process enough CPU to delay the live ones. An idle
 client costs a queue and a channel subscription — no Redis connection, no pending command.
+
+A turn the process starts itself (the OpenAI edge) needs no channel of its own: the hub's
+*inbox* — one channel per process, subscribed once — is named in the turn's job, and the worker
+notifies it with the stream's key besides the stream's channel. Following such a turn costs no
+Redis command: it is registered before the job is queued (so no notification can come before it)
+and dropped without an UNSUBSCRIBE. A client resuming that stream elsewhere uses its channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -59,6 +66,9 @@ class StreamHub:
         self.has_channels = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.lock = asyncio.Lock()  # channel (un)subscriptions, one at a time on the pub/sub connection
+        self.channel_keys: set[str] = set()  # streams whose own channel is subscribed
+        self.inbox = f"parley:hub:{uuid.uuid4().hex}"
+        self.is_inbox_subscribed = False
 
     def _start(self) -> None:
         if not self.tasks:
@@ -69,28 +79,56 @@ class StreamHub:
             ]
 
     async def subscribe(self, key: str, after: str) -> Subscription:
+        """Follow any stream: through its own notification channel."""
         subscription = Subscription(key=key, last=after)
         async with self.lock:
-            followers = self.subscribers.setdefault(key, set())
-            if not followers:
+            self.subscribers.setdefault(key, set()).add(subscription)
+            if key not in self.channel_keys:
                 await self.pubsub.subscribe(notify_channel(key))
+                self.channel_keys.add(key)
                 self.has_channels.set()
-            followers.add(subscription)
         self._start()
         self.mark(key)  # the events written before the subscription
         return subscription
 
+    async def inbox_channel(self) -> str:
+        """This process's notification channel, subscribed: name it in the jobs of turns whose
+        streams are followed through ``register``."""
+        if not self.is_inbox_subscribed:
+            async with self.lock:
+                if not self.is_inbox_subscribed:
+                    await self.pubsub.subscribe(self.inbox)
+                    self.is_inbox_subscribed = True
+                    self.has_channels.set()
+            self._start()
+        return self.inbox
+
+    def register(self, key: str) -> Subscription:
+        """Follow a stream not written yet, whose writers will notify this hub's inbox (a turn
+        started here, its job naming ``inbox_channel()``): no Redis command. Register before the
+        job is queued; ``unsubscribe`` when done."""
+        subscription = Subscription(key=key, last="0-0")
+        self.subscribers.setdefault(key, set()).add(subscription)
+        return subscription
+
     async def unsubscribe(self, subscription: Subscription) -> None:
-        async with self.lock:
-            followers = self.subscribers.get(subscription.key)
-            if followers is None:
-                return
-            followers.discard(subscription)
-            if not followers:
-                del self.subscribers[subscription.key]
-                self.dirty.discard(subscription.key)
+        """Stop following (again: nothing happens)."""
+        key = subscription.key
+        followers = self.subscribers.get(key)
+        if followers is None or subscription not in followers:
+            return
+        followers.discard(subscription)
+        if followers:
+            return
+        del self.subscribers[key]
+        self.dirty.discard(key)
+        if key in self.channel_keys:
+            async with self.lock:
+                if key in self.subscribers or key not in self.channel_keys:
+                    return  # followed again meanwhile (its channel stays), or already dropped
+                self.channel_keys.discard(key)
                 with contextlib.suppress(Exception):  # the connection may be gone: nothing to undo then
-                    await self.pubsub.unsubscribe(notify_channel(subscription.key))
+                    await self.pubsub.unsubscribe(notify_channel(key))
 
     def mark(self, key: str) -> None:
         self.dirty.add(key)
@@ -107,7 +145,11 @@ class StreamHub:
                 if message is not None and message["type"] == "message":
                     channel = message["channel"]
                     channel = channel.decode() if isinstance(channel, bytes) else channel
-                    self.mark(channel.removesuffix(":n"))
+                    if channel == self.inbox:  # the data is the stream's key
+                        data = message["data"]
+                        self.mark(data.decode() if isinstance(data, bytes) else data)
+                    else:
+                        self.mark(channel.removesuffix(":n"))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a dropped connection: notifications may be lost until it reconnects
@@ -178,14 +220,16 @@ def get_hub() -> StreamHub:
 
 
 async def follow_batches(
-    key: str, *, after: str = "0-0", block_ms: int = 15_000
+    key: str, *, after: str = "0-0", block_ms: int = 15_000, subscription: Subscription | None = None
 ) -> AsyncIterator[list[StreamEvent] | None]:
     """The stream's events after ``after`` as they arrive, each batch everything that had arrived
     by then, until a terminal one; ``None`` after ``block_ms`` without an event (the transport's
     heartbeat). A transport writes a batch to its client at once: a burst of events (a fast model
-    flushing its tokens with the answer's end) costs one socket write, not one per event."""
+    flushing its tokens with the answer's end) costs one socket write, not one per event.
+    ``subscription``: one made already (``StreamHub.register``), for ``key``."""
     hub = get_hub()
-    subscription = await hub.subscribe(key, after)
+    if subscription is None:
+        subscription = await hub.subscribe(key, after)
     queue = subscription.queue
     try:
         while True:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,8 +33,8 @@ from chat.gateway import Caller
 from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
 from chat.snapshots import bot_snapshot_get
-from chat.streams import STARTED_EVENT
-from chat.transports.hub import follow_batches
+from chat.streams import STARTED_EVENT, generation_stream_key
+from chat.transports.hub import follow_batches, get_hub
 from chat.transports.openai_api import (
     DONE_CHUNK,
     MAX_MESSAGES,
@@ -181,26 +182,40 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
         end_user=end_user_id,
         is_end_user_limited=bool(external_user),
     )
-    turn = await turns.turn_start_from_messages_async(
-        bot=bot,
-        end_user=end_user,
-        messages=data["messages"],
-        overrides=overrides,
-        is_streamed=data["stream"],
-        caller=caller,
-        epoch=epoch,
-        redis=redis,
-    )
-    completion_id = f"chatcmpl-{turn.generation_id.replace('-', '')}"
-    created = int(time.time())
-    response_headers = {"X-Parley-Generation-Id": turn.generation_id, **turn.headers}
-    if data["stream"]:
-        await _stream(send, turn, data, completion_id, created, bot.public_id, response_headers, started)
-        return 200
-    return await _answer(send, turn, completion_id, created, bot, response_headers, started)
+    # The turn's stream is followed through this process's inbox: registered before its job is
+    # queued, it costs no channel subscription (chat.transports.hub).
+    hub = get_hub()
+    inbox = await hub.inbox_channel()
+    generation_id = str(uuid.uuid4())
+    subscription = hub.register(generation_stream_key(tenant.schema_name, generation_id))
+    try:
+        turn = await turns.turn_start_from_messages_async(
+            bot=bot,
+            end_user=end_user,
+            messages=data["messages"],
+            overrides=overrides,
+            is_streamed=data["stream"],
+            caller=caller,
+            epoch=epoch,
+            redis=redis,
+            generation_id=generation_id,
+            inbox=inbox,
+        )
+        completion_id = f"chatcmpl-{generation_id.replace('-', '')}"
+        created = int(time.time())
+        response_headers = {"X-Parley-Generation-Id": generation_id, **turn.headers}
+        if turn.cache_layer is not None:
+            response_headers["X-Parley-Cache"] = turn.cache_layer
+            hub.mark(turn.stream_key)  # answered at once, nothing will notify: read it now
+        if data["stream"]:
+            await _stream(send, subscription, data, completion_id, created, bot.public_id, response_headers, started)
+            return 200
+        return await _answer(send, subscription, completion_id, created, bot, response_headers, started)
+    finally:
+        await hub.unsubscribe(subscription)
 
 
-async def _stream(send, turn, data, completion_id, created, model, headers, started) -> None:
+async def _stream(send, subscription, data, completion_id, created, model, headers, started) -> None:
     """The chunks, after the worker's cache decision (for ``X-Parley-Cache``), from one
     subscription to the generation's stream. Each batch of events that arrived together is one
     write: the opening chunk goes out with the first token, the last tokens with the end."""
@@ -210,9 +225,9 @@ async def _stream(send, turn, data, completion_id, created, model, headers, star
         model=model,
         include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
     )
-    batches = follow_batches(turn.stream_key, block_ms=turns.CACHE_HEADER_WAIT_MS)
+    batches = follow_batches(subscription.key, block_ms=turns.CACHE_HEADER_WAIT_MS, subscription=subscription)
     async with contextlib.aclosing(batches):
-        layer, held, is_ended = turn.cache_layer, [], False
+        layer, held, is_ended = headers.get("X-Parley-Cache"), [], False
         if layer is None:
             async for batch in batches:
                 if batch is None:
@@ -242,10 +257,10 @@ async def _stream(send, turn, data, completion_id, created, model, headers, star
         await send({"type": "http.response.body", "body": body + DONE_CHUNK, "more_body": False})
 
 
-async def _answer(send, turn, completion_id, created, bot, headers, started) -> int:
+async def _answer(send, subscription, completion_id, created, bot, headers, started) -> int:
     parts: list[str] = []
     done: dict = {}
-    async for batch in follow_batches(turn.stream_key, block_ms=600_000):
+    async for batch in follow_batches(subscription.key, block_ms=600_000, subscription=subscription):
         if batch is None:
             raise ParleyError("The answer took too long.", code="generation_timeout", status_code=504)
         for event in batch:

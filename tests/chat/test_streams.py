@@ -63,6 +63,36 @@ async def test_a_buffered_publisher_writes_everything_once_with_the_terminal_eve
     await redis.aclose()
 
 
+async def test_an_announcement_shares_the_first_tokens_write_when_it_comes_at_once():
+    redis = get_async_redis()
+    key = "t:test:gen:announce-fast"
+    publisher = CoalescingPublisher(redis, key)
+
+    publisher.announce("generation.started", {"cache": "miss"})
+    await publisher.add("token", {"text": "first"})  # a fast model: within the grace
+
+    assert publisher.writes == 1
+    assert await _events(redis, key) == [("generation.started", {"cache": "miss"}), ("token", {"text": "first"})]
+    await redis.aclose()
+
+
+async def test_an_announcement_goes_alone_for_a_slow_model_and_delays_no_token():
+    from chat.streams import ANNOUNCE_GRACE_SECONDS
+
+    redis = get_async_redis()
+    key = "t:test:gen:announce-slow"
+    publisher = CoalescingPublisher(redis, key, frame_seconds=10)
+
+    publisher.announce("generation.started", {"cache": "miss"})
+    await asyncio.sleep(ANNOUNCE_GRACE_SECONDS + 0.05)  # the model has not answered yet
+    announced = await _events(redis, key)
+    await publisher.add("token", {"text": "first"})  # not held back by a frame (10 s here)
+
+    assert announced == [("generation.started", {"cache": "miss"})]
+    assert await _events(redis, key) == [("generation.started", {"cache": "miss"}), ("token", {"text": "first"})]
+    await redis.aclose()
+
+
 async def test_slow_tokens_are_not_delayed_or_merged():
     redis = get_async_redis()
     publisher = CoalescingPublisher(redis, "t:test:gen:slow", frame_seconds=0.01)
@@ -152,6 +182,34 @@ async def test_a_quiet_stream_yields_none_for_the_heartbeat():
     batches = follow_batches("t:test:gen:hub-quiet", block_ms=50)
     assert await asyncio.wait_for(anext(batches), 2) is None
     await batches.aclose()
+
+
+async def test_a_turn_registered_with_the_hub_is_followed_through_its_inbox_without_a_channel_of_its_own():
+    from chat.streams import CoalescingPublisher, notify_channel
+    from chat.transports.hub import follow_batches, get_hub
+    from tenants.redis import get_loop_redis
+
+    redis = get_loop_redis()
+    hub = get_hub()
+    key = "t:test:gen:hub-inbox"
+    inbox = await hub.inbox_channel()
+    subscription = hub.register(key)  # before anything is written, as the edge does
+    publisher = CoalescingPublisher(redis, key, inbox=inbox)
+    follower = asyncio.create_task(_collect(follow_batches(key, subscription=subscription, block_ms=5_000)))
+    await publisher.add("token", {"text": "a"})
+    await publisher.close("done", {"finish_reason": "stop"})
+    events = await asyncio.wait_for(follower, 2)
+    channel_subscribers = dict(await redis.pubsub_numsub(notify_channel(key), inbox))
+
+    assert [event.type for event in events] == ["token", "done"]
+    assert key not in hub.subscribers  # dropped when the follower ended
+    assert channel_subscribers[notify_channel(key).encode()] == 0  # no SUBSCRIBE for this stream
+    assert channel_subscribers[inbox.encode()] == 1
+    await hub.unsubscribe(subscription)  # again: nothing happens
+
+
+async def _collect(batches) -> list:
+    return [event async for batch in batches if batch is not None for event in batch]
 
 
 async def test_the_hub_catches_an_event_whose_notification_was_lost(monkeypatch):
