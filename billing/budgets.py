@@ -599,6 +599,53 @@ async def budget_reserve_async(
     return reservation
 
 
+def budget_reserve_queue(
+    pipe, *, tenant_schema: str, limits: list[BudgetLimit], tokens: int, reservation_id: str
+) -> _ReserveCall:
+    """``budget_reserve_async``'s script queued on ``pipe`` (the gateway checks the rate limits in
+    the same round trip); give the call and its reply to :func:`budget_reserve_finish_async`.
+    Nothing is queued when there is no budget to check."""
+    call = _ReserveCall.build(tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id)
+    if limits:
+        pipe.evalsha(_RESERVE.sha, len(call.keys), *call.keys, *call.args)
+    return call
+
+
+async def budget_reserve_finish_async(call: _ReserveCall, result: Any) -> Reservation:
+    """The queued reservation: as ``budget_reserve_async`` — the reservation, BudgetExceeded (402)
+    or BudgetUnavailable (503). A reply that needs more (the script not loaded after a Redis
+    restart, the month's counters not initialised yet) continues on ``budget_reserve_async``'s
+    path with the same reservation id, which reserves once at most."""
+    if not call.limits:
+        return call.reservation
+    if isinstance(result, redis.exceptions.NoScriptError) or (
+        not isinstance(result, Exception) and call.missing_fields(result) is not None
+    ):
+        return await budget_reserve_async(
+            tenant_schema=call.reservation.tenant_schema,
+            limits=list(call.limits),
+            tokens=call.reservation.tokens,
+            reservation_id=call.reservation.reservation_id,
+        )
+    if isinstance(result, REDIS_UNAVAILABLE):
+        raise BudgetUnavailable("Budgets cannot be checked right now; try again shortly.") from result
+    if isinstance(result, Exception):
+        raise result
+    reservation, alerts = call.outcome(result)
+    if alerts:
+        await sync_to_async(budget_alerts_record, thread_sensitive=True)(
+            tenant_schema=reservation.tenant_schema, month=reservation.month, alerts=alerts
+        )
+    return reservation
+
+
+async def budget_reserve_undo_async(call: _ReserveCall, result: Any) -> None:
+    """Give back a queued reservation that succeeded, for a request refused after all (by a rate
+    limit checked in the same round trip)."""
+    if call.limits and isinstance(result, list) and int(result[0]) == 1:
+        await budget_settle_async(reservation=call.reservation, actual_tokens=0)
+
+
 def _counters_init(client: redis.Redis, counters_key: str, totals: dict[str, int]) -> None:
     with client.pipeline(transaction=True) as pipe:
         for counter_field, total in totals.items():

@@ -335,6 +335,29 @@ async def rate_limit_async(
     return _admitted() if reply is None else _decision(call, reply)
 
 
+def rate_limit_queue(pipe, *, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int]) -> _Call:
+    """``rate_limit_async``'s script queued on ``pipe`` (the gateway reserves the budget in the
+    same round trip); give the call and its reply to :func:`rate_limit_finish_async`. Nothing is
+    queued when no limit applies."""
+    call = _check_call(schema_name=schema_name, limits=limits, costs=costs, now_ms=None)
+    if call.keys:
+        pipe.evalsha(_script_sha(), len(call.keys), *call.keys, *call.args)
+    return call
+
+
+async def rate_limit_finish_async(call: _Call, reply: Any) -> RateDecision:
+    """The queued check's decision, as ``rate_limit_async`` would give it (the script is loaded
+    and run again when Redis lost it)."""
+    if not call.keys:
+        return _admitted()
+    if isinstance(reply, redis.exceptions.NoScriptError):
+        reply = await _evaluate_async("rate_limit", call.keys, call.args)
+        return _admitted() if reply is None else _decision(call, reply)
+    if isinstance(reply, Exception):
+        raise reply
+    return _decision(call, reply)
+
+
 def tokens_charge(
     *, schema_name: str, limits: Sequence[Limit], tokens: int, reserved: int = 0, now_ms: float | None = None
 ) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from billing.budgets import (
     BillingPolicy,
@@ -30,6 +32,9 @@ from billing.budgets import (
     billing_policy_get,
     budget_reserve,
     budget_reserve_async,
+    budget_reserve_finish_async,
+    budget_reserve_queue,
+    budget_reserve_undo_async,
     budget_settle,
     budget_settle_async,
     budget_settle_finish,
@@ -41,12 +46,15 @@ from billing.ratelimit import (
     RateLimited,
     rate_limit,
     rate_limit_async,
+    rate_limit_finish_async,
     rate_limit_headers,
+    rate_limit_queue,
     tokens_charge,
     tokens_charge_async,
     tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
+from tenants.redis import get_loop_redis
 
 CHARS_PER_TOKEN = 4  # the estimate before a call; the provider's usage settles it after
 RATE_LIMIT_FIELDS = (
@@ -173,14 +181,34 @@ async def admit_async(*, caller: Caller, prompt_chars: int, max_tokens: int | No
         tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user, epoch=epoch
     )
     limits = _rate_limits(caller, policy)
-    decision = await rate_limit_async(schema_name=schema_name, limits=limits, costs={"requests": 1, "tokens": estimate})
-    if not decision.allowed:
-        raise RateLimited.from_decision(decision)
+    costs = {"requests": 1, "tokens": estimate}
     token_limits = [limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0]
-    try:
-        reservation = await budget_reserve_async(
-            tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=uuid.uuid4().hex
+    reservation_id = uuid.uuid4().hex
+    # Both scripts in one round trip (on the time to first token's path). A request the rate
+    # limits refuse gives its reservation back; one the budget refuses, its per-minute tokens.
+    async with get_loop_redis().pipeline(transaction=False) as pipe:
+        rate_call = rate_limit_queue(pipe, schema_name=schema_name, limits=limits, costs=costs)
+        reserve_call = budget_reserve_queue(
+            pipe, tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=reservation_id
         )
+        try:
+            replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
+        except (RedisConnectionError, RedisTimeoutError):
+            replies = None
+    if replies is None:  # Redis unreachable: one at a time, each with its own rule (admit; 503)
+        decision = await rate_limit_async(schema_name=schema_name, limits=limits, costs=costs)
+        reservation = await budget_reserve_async(
+            tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=reservation_id
+        )
+        return _admission(caller, decision, estimate, reservation, token_limits)
+    rate_reply = replies[0] if rate_call.keys else None
+    reserve_reply = replies[-1] if reserve_call.limits else None
+    decision = await rate_limit_finish_async(rate_call, rate_reply)
+    if not decision.allowed:
+        await budget_reserve_undo_async(reserve_call, reserve_reply)
+        raise RateLimited.from_decision(decision)
+    try:
+        reservation = await budget_reserve_finish_async(reserve_call, reserve_reply)
     except BudgetExceeded:
         await tokens_charge_async(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
         raise

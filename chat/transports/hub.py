@@ -136,6 +136,7 @@ class StreamHub:
 
     async def _listen(self) -> None:
         while True:
+            _raise_if_cancelled()
             try:
                 if not self.pubsub.subscribed:
                     self.has_channels.clear()
@@ -169,6 +170,7 @@ class StreamHub:
 
     async def _fetch_forever(self) -> None:
         while True:
+            _raise_if_cancelled()
             await self.wake.wait()
             self.wake.clear()
             keys = [key for key in self.dirty if key in self.subscribers]
@@ -205,6 +207,14 @@ class StreamHub:
                         subscription.done = event.is_terminal
             if len(entries) == XREAD_COUNT:
                 self.mark(key)  # more to read
+
+
+def _raise_if_cancelled() -> None:
+    """redis-py may swallow a cancellation that lands inside one of its reads: a hub task would
+    then go on forever, and closing its event loop (a server shutting down) would wait for it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamHub] = weakref.WeakKeyDictionary()

@@ -110,3 +110,75 @@ def test_admission_reads_plan_key_overrides_and_budgets_in_one_query(tenant_pair
     assert admission.headers["x-ratelimit-limit-requests"] == "7"
     assert admission.headers["x-ratelimit-remaining-requests"] == "5"
     assert [level[0] for level in admission.ticket["reservation"]["levels"]] == ["tenant", "key"]
+
+
+# --- the async edge's admission: rate limits and the budget in one round trip --------------------
+
+
+def _admit_async(caller, **kwargs):
+    from asgiref.sync import async_to_sync
+
+    from chat.gateway import admit_async
+    from tenants.config_epoch import epoch_sync
+
+    return async_to_sync(admit_async)(caller=caller, prompt_chars=40, max_tokens=100, epoch=epoch_sync(), **kwargs)
+
+
+def _key_caller(tenant, bot, api_key):
+    from chat.gateway import caller_for
+    from chat.selectors import EndUser
+
+    end_user = EndUser(kind="api", id=f"key:{api_key.pk}")
+    return caller_for(tenant=tenant, bot=bot, api_key_id=api_key.pk, end_user=end_user)
+
+
+def _key_budget_used(tenant, api_key) -> int | None:
+    from billing.budgets import budget_used
+
+    return budget_used(tenant_schema=tenant.schema_name, level="key", identity=str(api_key.pk))
+
+
+def test_async_admission_refused_by_a_rate_limit_gives_its_budget_reservation_back(tenant_pair, bot):
+    from billing.ratelimit import RateLimited
+
+    api_key, _raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=1, monthly_token_budget=50_000)
+    caller = _key_caller(tenant_pair.a, bot, api_key)
+
+    admission = _admit_async(caller)
+    reserved = _key_budget_used(tenant_pair.a, api_key)
+    with pytest.raises(RateLimited):
+        _admit_async(caller)
+
+    assert reserved == admission.ticket["estimate"] > 0
+    assert _key_budget_used(tenant_pair.a, api_key) == reserved  # the refused request's reservation went back
+
+
+def test_async_admission_refused_by_the_budget_gives_its_per_minute_tokens_back(tenant_pair, bot):
+    from billing.budgets import BudgetExceeded
+
+    api_key, _raw = make_api_key(tenant_pair.a)
+    # Room for one request's estimate (110 tokens) a minute: a second one fits only if the first,
+    # refused by the budget, gave its tokens back.
+    ApiKeyBudget.objects.create(api_key=api_key, tokens_per_minute=150, monthly_token_budget=10)
+    caller = _key_caller(tenant_pair.a, bot, api_key)
+
+    with pytest.raises(BudgetExceeded):
+        _admit_async(caller)
+    with pytest.raises(BudgetExceeded):  # not RateLimited
+        _admit_async(caller)
+
+    assert _key_budget_used(tenant_pair.a, api_key) == 0
+
+
+def test_async_admission_loads_the_scripts_again_after_redis_lost_them(tenant_pair, bot):
+    api_key, _raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=5, monthly_token_budget=50_000)
+    caller = _key_caller(tenant_pair.a, bot, api_key)
+    _admit_async(caller)
+    get_redis().script_flush()
+
+    admission = _admit_async(caller)
+
+    assert admission.headers["x-ratelimit-remaining-requests"] == "3"
+    assert _key_budget_used(tenant_pair.a, api_key) == 2 * admission.ticket["estimate"]
