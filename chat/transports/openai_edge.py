@@ -70,6 +70,24 @@ _INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
 _KNOWN_FIELDS = frozenset(ChatCompletionInputSerializer().fields)
 
 
+# What a streamed answer ends with when the stream cannot be followed any more (Redis lost): an
+# error chunk, which the OpenAI SDKs raise as an APIError, instead of a connection cut mid-body.
+_STREAM_FAILED = (
+    b"data: "
+    + json.dumps(
+        {
+            "error": {
+                "message": "The answer's stream was interrupted; please try again.",
+                "type": "api_error",
+                "code": "stream_interrupted",
+            }
+        },
+        separators=(",", ":"),
+    ).encode()
+    + b"\n\n"
+)
+
+
 class OpenAIEdge:
     """ASGI middleware: the chat completions endpoint here, everything else to ``app``."""
 
@@ -116,9 +134,11 @@ async def _serve(scope: Scope, receive: Receive, send: Send, raw_key: str) -> No
     try:
         status = await _complete(scope, headers, raw_key, receive, tracked_send)
     except Exception as error:
-        if response_started:  # mid-stream: the status is sent; the client sees the stream end
+        if response_started:  # mid-stream: the status is sent; the stream ends with an error chunk
             logger.exception("edge_stream_failed", path=PATH)
             status = 200
+            with contextlib.suppress(Exception):  # the client may be gone too
+                await send({"type": "http.response.body", "body": _STREAM_FAILED, "more_body": False})
         elif isinstance(error, ParleyError):
             status = await _send_error(send, error)
         else:

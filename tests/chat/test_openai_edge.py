@@ -107,6 +107,35 @@ async def test_edge_streams_openai_chunks(worker, live, django_db_blocker):
     assert chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+async def test_edge_ends_a_stream_cleanly_when_redis_fails_after_it_started(live, django_db_blocker, monkeypatch):
+    """Lost Redis mid-answer: the client keeps the 200 and the chunks it had, then an error chunk
+    ends the stream (no [DONE], no second response start); the turn's hub registration is dropped."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from chat.streams import STARTED_EVENT, StreamEvent
+    from chat.transports import openai_edge
+    from chat.transports.hub import get_hub
+
+    async def failing(key, *, block_ms, subscription, after="0-0"):
+        yield [StreamEvent("1-0", STARTED_EVENT, {"cache": "miss"}), StreamEvent("1-1", "token", {"text": "Refunds "})]
+        raise RedisConnectionError("Connection lost")
+
+    monkeypatch.setattr(openai_edge, "follow_batches", failing)
+    served_here = EDGE_REQUESTS.labels("200")._value.get()
+    with django_db_blocker.unblock():
+        response = await _post(live, _request(live, stream=True))
+
+    lines = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+    generation_id = response.headers["x-parley-generation-id"]
+    assert response.status_code == 200
+    assert response.headers["x-parley-cache"] == "miss"
+    assert json.loads(lines[-2])["choices"][0]["delta"] == {"content": "Refunds "}
+    assert json.loads(lines[-1])["error"]["code"] == "stream_interrupted"  # the SDKs raise it
+    assert "[DONE]" not in lines
+    assert EDGE_REQUESTS.labels("200")._value.get() == served_here + 1
+    assert not [key for key in get_hub().subscribers if generation_id in key]  # unregistered
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
