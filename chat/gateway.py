@@ -197,18 +197,20 @@ async def admit_async(*, caller: Caller, prompt_chars: int, max_tokens: int | No
             replies = None
     if replies is None:  # Redis unreachable: one at a time, each with its own rule (admit; 503)
         decision = await rate_limit_async(schema_name=schema_name, limits=limits, costs=costs)
-        reservation = await budget_reserve_async(
-            tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=reservation_id
-        )
-        return _admission(caller, decision, estimate, reservation, token_limits)
-    rate_reply = replies[0] if rate_call.keys else None
-    reserve_reply = replies[-1] if reserve_call.limits else None
-    decision = await rate_limit_finish_async(rate_call, rate_reply)
+    else:
+        reserve_reply = replies[-1] if reserve_call.limits else None
+        decision = await rate_limit_finish_async(rate_call, replies[0] if rate_call.keys else None)
     if not decision.allowed:
-        await budget_reserve_undo_async(reserve_call, reserve_reply)
+        if replies is not None:
+            await budget_reserve_undo_async(reserve_call, reserve_reply)
         raise RateLimited.from_decision(decision)
     try:
-        reservation = await budget_reserve_finish_async(reserve_call, reserve_reply)
+        if replies is None:
+            reservation = await budget_reserve_async(
+                tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=reservation_id
+            )
+        else:
+            reservation = await budget_reserve_finish_async(reserve_call, reserve_reply)
     except BudgetExceeded:
         await tokens_charge_async(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
         raise

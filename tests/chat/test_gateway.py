@@ -182,3 +182,24 @@ def test_async_admission_loads_the_scripts_again_after_redis_lost_them(tenant_pa
 
     assert admission.headers["x-ratelimit-remaining-requests"] == "3"
     assert _key_budget_used(tenant_pair.a, api_key) == 2 * admission.ticket["estimate"]
+
+
+def test_async_admission_keeps_refusing_over_the_limit_when_its_pipeline_cannot_run(tenant_pair, bot, monkeypatch):
+    """The one-round-trip pipeline failing (a connection error) falls back to the checks one at a
+    time: a request over its limit is still refused there."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from billing.ratelimit import RateLimited
+
+    api_key, _raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=1, monthly_token_budget=50_000)
+    caller = _key_caller(tenant_pair.a, bot, api_key)
+    _admit_async(caller)
+
+    async def unreachable(self, raise_on_error=True):
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(Pipeline, "execute", unreachable)
+    with pytest.raises(RateLimited):
+        _admit_async(caller)
