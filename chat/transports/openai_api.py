@@ -23,6 +23,7 @@ from chat import selectors, turns
 from chat.services import validate_generation
 from chat.streams import StreamEvent
 from chat.transports.hub import follow
+from chat.transports.sse import HEARTBEAT, sse_response
 from tenants.api_base import StrictSerializer, TenantAPIView
 from tenants.errors import NotFound
 
@@ -120,8 +121,6 @@ class ChatCompletionsApi(TenantAPIView):
         completion_id = f"chatcmpl-{started.generation_id.replace('-', '')}"
         created = int(time.time())
         if data["stream"]:
-            from chat.transports.sse import sse_response
-
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             body = completion_chunks(
                 follow(started.stream_key, block_ms=15_000),
@@ -204,7 +203,7 @@ class ChunkEncoder:
     def encode(self, event: StreamEvent | None) -> bytes:
         """The chunk(s) of one event (``None``: a quiet interval); empty for events the API has no chunk for."""
         if event is None:
-            return b": keep-alive\n\n"
+            return HEARTBEAT
         if event.type == "token":
             return _chunk(self.completion_id, self.created, self.model, {"content": event.data["text"]}, None)
         if event.type == "done":
@@ -222,16 +221,15 @@ class ChunkEncoder:
                 chunk += b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
             return chunk
         if event.type == "error":
-            # The SDKs raise an APIError for a chunk that carries "error".
-            error = {
-                "error": {
-                    "message": event.data["message"],
-                    "type": event.data.get("type", "api_error"),
-                    "code": event.data.get("code"),
-                }
-            }
-            return b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+            data = event.data
+            return error_chunk(message=data["message"], error_type=data.get("type", "api_error"), code=data.get("code"))
         return b""
+
+
+def error_chunk(*, message: str, error_type: str, code: str | None) -> bytes:
+    """An error as a stream's chunk: the SDKs raise an APIError for a chunk that carries "error"."""
+    error = {"error": {"message": message, "type": error_type, "code": code}}
+    return b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def completion_chunks(

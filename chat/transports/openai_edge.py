@@ -42,6 +42,7 @@ from chat.transports.openai_api import (
     ChatCompletionInputSerializer,
     ChunkEncoder,
     completion_body,
+    error_chunk,
     generation_overrides,
 )
 from chat.transports.sse import SSE_HEADERS
@@ -72,19 +73,8 @@ _KNOWN_FIELDS = frozenset(ChatCompletionInputSerializer().fields)
 
 # What a streamed answer ends with when the stream cannot be followed any more (Redis lost): an
 # error chunk, which the OpenAI SDKs raise as an APIError, instead of a connection cut mid-body.
-_STREAM_FAILED = (
-    b"data: "
-    + json.dumps(
-        {
-            "error": {
-                "message": "The answer's stream was interrupted; please try again.",
-                "type": "api_error",
-                "code": "stream_interrupted",
-            }
-        },
-        separators=(",", ":"),
-    ).encode()
-    + b"\n\n"
+_STREAM_FAILED = error_chunk(
+    message="The answer's stream was interrupted; please try again.", error_type="api_error", code="stream_interrupted"
 )
 
 
