@@ -51,6 +51,27 @@ def _request(live, **extra) -> dict:
     return {"model": live["bot"].public_id, "messages": [{"role": "user", "content": "How are refunds paid?"}], **extra}
 
 
+def _recorded_requests(provider_choice) -> list:
+    """The requests the worker's provider gets from now on (it still answers them)."""
+    requests = []
+    real = provider_choice["provider"]
+
+    class Recording:
+        kind = "recording"
+
+        def stream(self, request):
+            requests.append(request)
+            return real.stream(request)
+
+    provider_choice["provider"] = Recording()
+    return requests
+
+
+def _bot_update(live, **fields) -> None:
+    with tenant_context(live["tenant"]):
+        bot_update(bot=type(live["bot"]).objects.get(pk=live["bot"].pk), **fields)
+
+
 async def test_edge_answers_and_stores_the_conversation_through_the_batch_writer(worker, live, django_db_blocker):
     served_here = EDGE_REQUESTS.labels("200")._value.get()
     with django_db_blocker.unblock():
@@ -227,27 +248,13 @@ async def test_edge_uses_the_bots_new_settings_on_the_next_request(worker, live,
     """Bots are cached per configuration epoch: a change applies from the next request."""
     from asgiref.sync import sync_to_async
 
-    seen: list[str] = []
-    real = provider_choice["provider"]
-
-    class Recording:
-        kind = "recording"
-
-        def stream(self, request):
-            seen.append(request.messages[0]["content"])
-            return real.stream(request)
-
-    provider_choice["provider"] = Recording()
-
-    def update(prompt: str) -> None:
-        with tenant_context(live["tenant"]):
-            bot = type(live["bot"]).objects.get(pk=live["bot"].pk)
-            bot_update(bot=bot, system_prompt=prompt)
+    requests = _recorded_requests(provider_choice)
 
     with django_db_blocker.unblock():
         first = await _post(live, _request(live))
-        await sync_to_async(update)("You are the refunds desk.")
+        await sync_to_async(_bot_update)(live, system_prompt="You are the refunds desk.")
         second = await _post(live, _request(live))
+    seen = [request.messages[0]["content"] for request in requests]
 
     assert (first.status_code, second.status_code) == (200, 200)
     assert seen[0].startswith("Answer from the handbook.")
@@ -333,23 +340,7 @@ async def test_edge_turn_carries_its_history_and_the_worker_applies_the_window(
     without a Redis round trip); the bot's window still decides what the model sees."""
     from asgiref.sync import sync_to_async
 
-    seen: list[list[dict]] = []
-    real = provider_choice["provider"]
-
-    class Recording:
-        kind = "recording"
-
-        def stream(self, request):
-            seen.append(request.messages)
-            return real.stream(request)
-
-    provider_choice["provider"] = Recording()
-
-    def window(turns: int) -> None:
-        with tenant_context(live["tenant"]):
-            bot = type(live["bot"]).objects.get(pk=live["bot"].pk)
-            bot_update(bot=bot, history_window=turns)
-
+    requests = _recorded_requests(provider_choice)
     history = []
     for index in range(3):
         history += [
@@ -357,8 +348,9 @@ async def test_edge_turn_carries_its_history_and_the_worker_applies_the_window(
             {"role": "assistant", "content": f"answer {index}"},
         ]
     with django_db_blocker.unblock():
-        await sync_to_async(window)(1)
+        await sync_to_async(_bot_update)(live, history_window=1)
         response = await _post(live, _request(live, messages=[*history, {"role": "user", "content": "and now?"}]))
+    seen = [request.messages for request in requests]
 
     assert response.status_code == 200, response.text
     assert [message["content"] for message in seen[0][1:]] == ["question 2", "answer 2", "and now?"]
