@@ -7,6 +7,7 @@ all of them with one SCAN pattern, and so that no code can build a key without n
 from __future__ import annotations
 
 import asyncio
+import socket
 import weakref
 from functools import cache
 
@@ -39,13 +40,49 @@ def get_redis() -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+# The asyncio clients bound their reads by the kernel instead of a timer per command: redis-py
+# arms an asyncio timeout around every send and every reply when ``socket_timeout`` is set, and
+# those timers were ~7% of the edge's and the generation workers' CPU (tests/perf/RESULTS.md).
+# A peer that vanished is still noticed within ~30 s: keep-alive probes an idle connection, and
+# TCP_USER_TIMEOUT fails one whose sent command goes unacknowledged. Blocking reads (XREAD
+# BLOCK, pub/sub) pass their own timeouts.
+ASYNC_SOCKET_OPTIONS = {
+    getattr(socket, name): value
+    for name, value in (
+        ("TCP_KEEPIDLE", 10),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", REDIS_SOCKET_TIMEOUT * 1000),
+    )
+    if hasattr(socket, name)  # Linux has all four; macOS the first three under other names
+}
+
+
+class LoopConnectionPool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, without its wait timer when a connection is free (the usual
+    case): taking one then has no await before it is marked in use, so nothing can interleave."""
+
+    async def get_connection(self, *args, **kwargs):
+        if not self.can_get_connection():
+            return await super().get_connection()  # wait for a release, up to POOL_WAIT_SECONDS
+        connection = self.get_available_connection()
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+
 def get_async_redis() -> aioredis.Redis:
     # Not cached: an asyncio client is bound to the event loop it was first used on.
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = LoopConnectionPool.from_url(
         settings.REDIS_URL,
         max_connections=getattr(settings, "REDIS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
         timeout=POOL_WAIT_SECONDS,
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_timeout=None,
+        socket_keepalive=True,
+        socket_keepalive_options=ASYNC_SOCKET_OPTIONS,
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -1,0 +1,91 @@
+"""The asyncio Redis clients: their pool hands out a free connection without a timer, still waits
+(and gives up) when none is free, and their sockets carry the kernel's dead-peer limits instead of
+a per-command timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tenants.redis import ASYNC_SOCKET_OPTIONS, REDIS_SOCKET_TIMEOUT, LoopConnectionPool, get_async_redis
+
+
+def _client(*, max_connections: int, timeout: float) -> aioredis.Redis:
+    return aioredis.Redis(
+        connection_pool=LoopConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=max_connections, timeout=timeout
+        )
+    )
+
+
+async def test_many_concurrent_commands_share_a_small_pool():
+    client = _client(max_connections=3, timeout=5)
+    pool = client.connection_pool
+    try:
+        replies = await asyncio.gather(*(client.incr("test:pool:counter") for _ in range(60)))
+        assert sorted(replies) == list(range(1, 61))
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 3
+        assert not pool._in_use_connections  # every connection went back
+    finally:
+        await client.delete("test:pool:counter")
+        await client.aclose()
+
+
+async def test_a_command_waits_for_a_connection_to_be_released():
+    client = _client(max_connections=1, timeout=5)
+    pool = client.connection_pool
+    try:
+        held = await pool.get_connection()
+        waiting = asyncio.create_task(client.ping())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # no free connection, and the pool may not open a second one
+        await pool.release(held)
+        assert await asyncio.wait_for(waiting, 5) is True
+    finally:
+        await client.aclose()
+
+
+async def test_a_command_gives_up_when_no_connection_is_released():
+    client = _client(max_connections=1, timeout=0.2)
+    pool = client.connection_pool
+    try:
+        held = await pool.get_connection()
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await client.ping()
+        await pool.release(held)
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_a_broken_connection_is_replaced_when_taken():
+    client = _client(max_connections=1, timeout=5)
+    try:
+        assert await client.ping() is True
+        (connection,) = client.connection_pool._available_connections
+        connection._writer.transport.abort()  # the server's side closed it while it sat in the pool
+        await asyncio.sleep(0.05)
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_async_sockets_carry_keepalive_and_a_user_timeout_instead_of_a_read_timeout():
+    client = get_async_redis()
+    try:
+        await client.ping()
+        (connection,) = client.connection_pool._available_connections
+        assert connection.socket_timeout is None
+        sock = connection._writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        for option, value in ASYNC_SOCKET_OPTIONS.items():
+            assert sock.getsockopt(socket.IPPROTO_TCP, option) == value
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == REDIS_SOCKET_TIMEOUT * 1000
+    finally:
+        await client.aclose()
