@@ -5,11 +5,15 @@ Every test runs with both clients (the openai SDK and the lean aiohttp one): the
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from chat.mock_server import ANSWER_TEXT
+from chat.providers import openai_compat
 from chat.providers.base import (
     BadRequest,
     ChatRequest,
@@ -77,8 +81,22 @@ async def test_stream_yields_the_answer_and_the_servers_usage(provider, mock_llm
         provider="openai",
         model="mock-model",
     )
-    assert len([event for event in events if isinstance(event, Delta)]) == 20
+    deltas = [event for event in events if isinstance(event, Delta)]
+    # All at once from the mock: the SDK yields its chunks one by one, the lean client one delta
+    # per read from the socket (the burst, in as many pieces as the network gave it).
+    assert 1 <= len(deltas) <= 20
+    assert all(delta.text for delta in deltas)
     assert mock_llm.count() == 1
+
+
+async def test_a_paced_stream_gives_one_delta_per_token(provider, mock_llm):
+    mock_llm.configure(tokens_per_second=200)  # 5 ms apart: every token is a read of its own
+
+    events = [event async for event in provider.stream(ChatRequest(messages=HELLO))]
+
+    deltas = [event.text for event in events if isinstance(event, Delta)]
+    assert "".join(deltas) == TWENTY_TOKENS
+    assert len(deltas) == 20
 
 
 async def test_complete_makes_one_non_streaming_call(provider, mock_llm):
@@ -207,3 +225,87 @@ async def test_request_model_is_used_when_the_target_names_none(make_provider, m
 )
 def test_retry_after_parsing(headers, expected):
     assert retry_after_seconds(headers) == expected
+
+
+# --- how the lean client reads the stream's bytes ---------------------------------------------
+
+
+def _sse_chunk(**fields) -> bytes:
+    return b"data: " + json.dumps({"model": "raw-model", **fields}).encode() + b"\n\n"
+
+
+def _token(text: str) -> bytes:
+    return _sse_chunk(choices=[{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+
+
+_STOP = _sse_chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+
+
+@pytest.fixture
+async def raw_server():
+    """A server that sends a stream's bytes in the pieces a test chooses, each a read of its own."""
+    pieces: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece)
+            await asyncio.sleep(0.02)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    provider = openai_compat_provider(client="aiohttp", base_url=f"http://127.0.0.1:{port}/v1", model="raw-model")
+    yield pieces, provider
+    await provider.aclose()
+    await runner.cleanup()
+
+
+async def test_lines_split_across_reads_are_joined(raw_server):
+    pieces, provider = raw_server
+    stream = _token("Hello") + _token(" world") + _STOP + b"data: [DONE]\n\n"
+    pieces += [stream[:9], stream[9:40], stream[40:41], stream[41:]]  # cut inside lines and prefixes
+
+    events = [event async for event in provider.stream(ChatRequest(messages=HELLO))]
+
+    assert "".join(event.text for event in events if isinstance(event, Delta)) == "Hello world"
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].model == "raw-model"
+
+
+async def test_crlf_lines_and_a_last_line_without_its_newline(raw_server):
+    pieces, provider = raw_server
+    pieces += [_token("Hi").replace(b"\n", b"\r\n"), _STOP.rstrip(b"\n")]  # the body ends mid-line
+
+    events = [event async for event in provider.stream(ChatRequest(messages=HELLO))]
+
+    assert [event.text for event in events if isinstance(event, Delta)] == ["Hi"]
+    assert events[-1].finish_reason == "stop"
+
+
+async def test_a_line_beyond_the_limit_is_a_malformed_stream(raw_server, monkeypatch):
+    monkeypatch.setattr(openai_compat, "_MAX_SSE_LINE_BYTES", 1000)
+    pieces, provider = raw_server
+    pieces += [_token("fine"), b"data: " + b"x" * 600, b"x" * 600]
+
+    received: list[str] = []
+    with pytest.raises(Unavailable, match="malformed stream: a line longer than 1000 bytes"):
+        await drain(provider.stream(ChatRequest(messages=HELLO)), into=received)
+    assert received == ["fine"]
+
+
+async def test_a_stream_cut_before_its_end_is_unavailable(raw_server):
+    pieces, provider = raw_server
+    pieces += [_token("Half"), _token(" an answer")]  # neither a finish reason nor [DONE]
+
+    received: list[str] = []
+    with pytest.raises(Unavailable, match="ended the stream before the answer was finished"):
+        await drain(provider.stream(ChatRequest(messages=HELLO)), into=received)
+    assert "".join(received) == "Half an answer"
