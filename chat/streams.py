@@ -41,6 +41,29 @@ def notify_channel(stream_key: str) -> str:
     return f"{stream_key}:n"
 
 
+# One write of a publisher whose turn names an inbox: the events, and a notification on the inbox
+# that carries them — the stream's key, the id of the entry before them, then each event's id,
+# type and data, one per line (the data is JSON with ASCII escapes: it has no raw newline). The
+# web process that follows the turn takes them from the notification when it has everything up to
+# that previous entry, without reading the stream (chat.transports.hub.StreamHub.deliver).
+# ARGV: MAXLEN, the TTL to set ('' for none), the stream's own channel, the inbox, then type and
+# data for each event.
+_WRITE_AND_NOTIFY = """
+local previous = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local parts = {KEYS[1], previous[1] and previous[1][1] or '0-0'}
+for index = 5, #ARGV, 2 do
+  parts[#parts + 1] = redis.call(
+    'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[index], 'data', ARGV[index + 1])
+  parts[#parts + 1] = ARGV[index]
+  parts[#parts + 1] = ARGV[index + 1]
+end
+if ARGV[2] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], '')
+redis.call('PUBLISH', ARGV[4], table.concat(parts, '\\n'))
+return #parts
+"""
+
+
 def notify_on(pipe, stream_key: str, inbox: str | None = None) -> None:
     """Announce new events of a stream: on its own channel (any process following it), and on the
     inbox of the web process that started the turn, when its job names one (that process follows
@@ -175,6 +198,15 @@ class CoalescingPublisher:
             self._queue(pipe, batch, is_terminal=True)
 
     def _queue(self, pipe, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
+        sets_ttl = is_terminal or self.writes == 0
+        self.writes += 1
+        if self.inbox:  # the starting web process takes the events from its notification
+            ttl = STREAM_TTL_SECONDS if sets_ttl else ""
+            arguments = [STREAM_MAX_EVENTS, ttl, notify_channel(self.key), self.inbox]
+            for event_type, data in batch:
+                arguments += [event_type, json.dumps(data, separators=(",", ":"))]
+            pipe.eval(_WRITE_AND_NOTIFY, 1, self.key, *arguments)
+            return
         for event_type, data in batch:
             pipe.xadd(
                 self.key,
@@ -182,10 +214,9 @@ class CoalescingPublisher:
                 maxlen=STREAM_MAX_EVENTS,
                 approximate=True,
             )
-        if is_terminal or self.writes == 0:
+        if sets_ttl:
             pipe.expire(self.key, STREAM_TTL_SECONDS)
-        notify_on(pipe, self.key, self.inbox)
-        self.writes += 1
+        notify_on(pipe, self.key)
 
     def _flush_later(self) -> None:
         self._timer = None
@@ -214,6 +245,19 @@ def decode_event(entry_id: bytes | str, fields: dict) -> StreamEvent:
         type=fields[b"type"].decode(),
         data=json.loads(fields[b"data"]),
     )
+
+
+def events_of_notification(payload: str) -> tuple[str, str, list[StreamEvent]] | None:
+    """(stream key, the id before the events, the events) of an inbox notification that carries
+    them; None for one that names only the stream's key."""
+    if "\n" not in payload:
+        return None
+    key, previous, *fields = payload.split("\n")
+    events = [
+        StreamEvent(id=fields[index], type=fields[index + 1], data=json.loads(fields[index + 2]))
+        for index in range(0, len(fields), 3)
+    ]
+    return key, previous, events
 
 
 async def read(

@@ -158,19 +158,23 @@ def _message_rows(conversation_id, messages: list[dict], *, generation_id: str, 
     return rows
 
 
-def _queue_turn(pipe, job: TurnJob, *, owner: dict, created: dict, hit: CachedAnswer | None, started_at: float):
+def _queue_turn(
+    pipe, job: TurnJob, *, owner: dict, created: dict, hit: CachedAnswer | None, started_at: float
+) -> tuple[TurnOutcome | None, int]:
     """After the messages on ``pipe``: the generation's owner and first event, then the job for the
-    workers — or, for an exact cache hit, the answer itself (its outcome is returned)."""
+    workers — or, for an exact cache hit, the answer itself. Returns the cache hit's outcome, and
+    where the first event's entry id will be among the pipeline's replies."""
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
     pipe.set(generation_owner_key(job.schema_name, job.generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
+    created_reply = len(pipe)
     pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
     pipe.expire(stream_key, STREAM_TTL_SECONDS)
     # No notification: nobody follows a generation before it is started; its followers read what
     # was written before they came (chat.transports.hub).
     if hit is None:
         pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
-        return None
-    return _answer_from_cache(pipe, job, hit, started_at)
+        return None, created_reply
+    return _answer_from_cache(pipe, job, hit, started_at), created_reply
 
 
 async def turn_start_from_messages_async(
@@ -244,7 +248,7 @@ async def turn_start_from_messages_async(
                 ts=now_ts,
             ),
         )
-        outcome = _queue_turn(
+        outcome, created_reply = _queue_turn(
             pipe,
             job,
             owner={
@@ -260,7 +264,7 @@ async def turn_start_from_messages_async(
             hit=hit,
             started_at=started_at,
         )
-        await pipe.execute()
+        replies = await pipe.execute()
     if outcome is not None:
         engine.record_metrics(job, outcome)
         try:
@@ -273,7 +277,12 @@ async def turn_start_from_messages_async(
         stream_key=stream_key,
         headers=admission.headers,
         cache_layer=hit.layer if hit is not None else None,
+        created_event_id=_entry_id(replies[created_reply]),
     )
+
+
+def _entry_id(reply: bytes | str) -> str:
+    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +292,7 @@ class AsyncStartedTurn:
     stream_key: str
     headers: dict
     cache_layer: str | None  # "exact" when the edge answered from the response cache
+    created_event_id: str  # the stream's first entry (message.created), written with the job
 
 
 async def _edge_exact_hit_async(job: TurnJob, bot: BotSnapshot, earlier: list[dict], redis) -> CachedAnswer | None:
@@ -347,7 +357,7 @@ def _enqueue(
         records=[record_of(item) for item in messages],
         is_new_conversation=is_new_conversation,
     )
-    outcome = _queue_turn(pipe, job, owner=owner, created=created, hit=hit, started_at=started_at)
+    outcome, _created_reply = _queue_turn(pipe, job, owner=owner, created=created, hit=hit, started_at=started_at)
     pipe.execute()
     if outcome is not None:
         engine.record_metrics(job, outcome)

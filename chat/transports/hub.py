@@ -17,6 +17,9 @@ A turn the process starts itself (the OpenAI edge) needs no channel of its own: 
 notifies it with the stream's key besides the stream's channel. Following such a turn costs no
 Redis command: it is registered before the job is queued (so no notification can come before it)
 and dropped without an UNSUBSCRIBE. A client resuming that stream elsewhere uses its channel.
+The worker's inbox notification carries the events it announces, with the id of the entry before
+them (chat.streams): a follower that has everything up to that entry takes them as they are, with
+no read of the stream on the first token's path; one that lacks some gets the stream read.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
-from chat.streams import StreamEvent, decode_event, notify_channel
+from chat.streams import StreamEvent, decode_event, events_of_notification, notify_channel
 from tenants.redis import get_loop_redis
 
 logger = structlog.get_logger(__name__)
@@ -130,6 +133,33 @@ class StreamHub:
                 with contextlib.suppress(Exception):  # the connection may be gone: nothing to undo then
                     await self.pubsub.unsubscribe(notify_channel(key))
 
+    def advance(self, subscription: Subscription, entry_id: str) -> None:
+        """Its follower needs no event up to ``entry_id`` (one it wrote itself): a notification
+        whose events follow that entry is delivered without reading the stream."""
+        if _id_tuple(entry_id) > _id_tuple(subscription.last):
+            subscription.last = entry_id
+
+    def deliver(self, payload: str) -> None:
+        """An inbox notification: the events it carries go straight to the followers that have
+        everything before them; a follower missing some (or a notification with no events) gets
+        the stream read."""
+        carried = events_of_notification(payload)
+        if carried is None:
+            self.mark(payload)
+            return
+        key, previous, events = carried
+        before = _id_tuple(previous)
+        for subscription in list(self.subscribers.get(key, ())):
+            last = _id_tuple(subscription.last)
+            if last < before:
+                self.mark(key)  # a gap: what came between is read from the stream
+                continue
+            for event in events:
+                if _id_tuple(event.id) > last and not subscription.done:
+                    subscription.queue.put_nowait(event)
+                    subscription.last = event.id
+                    subscription.done = event.is_terminal
+
     def mark(self, key: str) -> None:
         self.dirty.add(key)
         self.wake.set()
@@ -146,9 +176,9 @@ class StreamHub:
                 if message is not None and message["type"] == "message":
                     channel = message["channel"]
                     channel = channel.decode() if isinstance(channel, bytes) else channel
-                    if channel == self.inbox:  # the data is the stream's key
+                    if channel == self.inbox:  # the stream's key, and maybe its new events
                         data = message["data"]
-                        self.mark(data.decode() if isinstance(data, bytes) else data)
+                        self.deliver(data.decode() if isinstance(data, bytes) else data)
                     else:
                         self.mark(channel.removesuffix(":n"))
             except asyncio.CancelledError:

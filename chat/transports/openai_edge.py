@@ -211,6 +211,9 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
             generation_id=generation_id,
             inbox=inbox,
         )
+        # This process wrote the stream's first entry: the worker's events that follow it come
+        # inside the inbox's notifications, with no read of the stream.
+        hub.advance(subscription, turn.created_event_id)
         completion_id = f"chatcmpl-{generation_id.replace('-', '')}"
         created = int(time.time())
         response_headers = {"X-Parley-Generation-Id": generation_id, **turn.headers}

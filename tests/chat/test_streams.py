@@ -227,3 +227,93 @@ async def test_the_hub_catches_an_event_whose_notification_was_lost(monkeypatch)
     events = await asyncio.wait_for(follower, 2)
 
     assert [event.type for event in events] == ["done"]
+
+
+# --- events carried in the inbox's notifications ---------------------------------------------
+
+
+async def test_an_inbox_notification_carries_the_events_it_announces():
+    from chat.streams import CoalescingPublisher, events_of_notification
+
+    redis = get_async_redis()
+    key = "t:test:gen:carried"
+    inbox = "parley:hub:test-carried"
+    listener = redis.pubsub()
+    await listener.subscribe(inbox)
+    await listener.get_message(timeout=1)  # the subscription's confirmation
+    first_id = await redis.xadd(key, {"type": "message.created", "data": "{}"})  # as the web writes it
+    publisher = CoalescingPublisher(redis, key, inbox=inbox, frame_seconds=10)
+
+    await publisher.add("token", {"text": 'line one\nline "two" \u2013 ünïcode'})
+    await publisher.close("done", {"finish_reason": "stop"})
+    notifications = [await listener.get_message(timeout=1) for _ in range(2)]
+    await listener.aclose()
+
+    stored = [
+        (entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"]))
+        for entry_id, fields in await redis.xrange(key)
+    ]
+    carried = [events_of_notification(message["data"].decode()) for message in notifications]
+    assert carried[0][0] == key
+    assert carried[0][1] == first_id.decode()
+    assert carried[1][1] == stored[1][0]  # each names the entry before its events: no gap between
+    assert [(event.id, event.type, event.data) for _key, _before, events in carried for event in events] == stored[1:]
+    assert stored[1][2] == {"text": 'line one\nline "two" \u2013 ünïcode'}
+    assert 0 < await redis.ttl(key) <= 3600
+    await redis.aclose()
+
+
+async def test_the_hub_takes_carried_events_without_reading_the_stream(monkeypatch):
+    from chat.streams import CoalescingPublisher
+    from chat.transports.hub import follow_batches, get_hub
+    from tenants.redis import get_loop_redis
+
+    redis = get_loop_redis()
+    hub = get_hub()
+    key = "t:test:gen:carried-hub"
+    inbox = await hub.inbox_channel()
+    subscription = hub.register(key)
+    created = await redis.xadd(key, {"type": "message.created", "data": "{}"})
+    hub.advance(subscription, created.decode())  # the edge wrote it: it needs no read
+    reads = []
+    real_fetch = hub._fetch
+
+    async def counting_fetch(keys):
+        reads.append(keys)
+        await real_fetch(keys)
+
+    monkeypatch.setattr(hub, "_fetch", counting_fetch)
+    publisher = CoalescingPublisher(redis, key, inbox=inbox)
+    follower = asyncio.create_task(_collect(follow_batches(key, subscription=subscription, block_ms=5_000)))
+    await publisher.add("token", {"text": "a"})
+    await asyncio.sleep(0.05)
+    await publisher.add("token", {"text": "b"})
+    await publisher.close("done", {"finish_reason": "stop"})
+    events = await asyncio.wait_for(follower, 2)
+
+    assert [event.type for event in events] == ["token", "token", "done"]
+    assert "".join(event.data.get("text", "") for event in events) == "ab"
+    assert [event.id for event in events] == [entry_id.decode() for entry_id, _fields in (await redis.xrange(key))[1:]]
+    assert reads == []
+
+
+async def test_a_follower_missing_events_before_a_carried_batch_gets_the_stream_read():
+    from chat.streams import CoalescingPublisher
+    from chat.transports.hub import follow_batches, get_hub
+    from tenants.redis import get_loop_redis
+
+    redis = get_loop_redis()
+    hub = get_hub()
+    key = "t:test:gen:carried-gap"
+    inbox = await hub.inbox_channel()
+    subscription = hub.register(key)  # not advanced: it must see message.created too
+    await redis.xadd(key, {"type": "message.created", "data": "{}"})
+    # An event whose notification this process never got (written elsewhere, or lost).
+    await redis.xadd(key, {"type": "generation.started", "data": json.dumps({"cache": "miss"})})
+    publisher = CoalescingPublisher(redis, key, inbox=inbox)
+    follower = asyncio.create_task(_collect(follow_batches(key, subscription=subscription, block_ms=5_000)))
+    await publisher.close("done", {"finish_reason": "stop"})
+    events = await asyncio.wait_for(follower, 2)
+
+    assert [event.type for event in events] == ["message.created", "generation.started", "done"]
+    assert len({event.id for event in events}) == 3  # none twice
