@@ -55,14 +55,20 @@ class TurnJob:
     gateway: dict | None = None
     # What the worker would otherwise query the conversation for: {"bot_id", "summary",
     # "summary_until_ts"}. With it (and the bot's snapshot, chat.snapshots) a turn needs no SQL.
-    # From the OpenAI edge also "earlier" (the exchange's messages), "epoch" and "inbox" (the
-    # starting web process's notification channel, chat.transports.hub).
+    # From the OpenAI edge also "earlier" (the exchange's messages), "epoch", "inbox" (the
+    # starting web process's notification channel, chat.transports.hub) and "inbox_events" (that
+    # process takes events inside the inbox's notifications; a job without it names a process that
+    # takes only the stream's key, as before that change).
     context: dict | None = None
 
     @property
     def inbox(self) -> str | None:
         """The notification channel of the web process that started the turn, if it has one."""
         return (self.context or {}).get("inbox")
+
+    @property
+    def inbox_events(self) -> bool:
+        return bool((self.context or {}).get("inbox_events"))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -406,7 +412,9 @@ async def run_turn(
     started = time.perf_counter()
     outcome = TurnOutcome()
     inputs = await load_inputs_async(job, redis)
-    publisher = CoalescingPublisher(redis, stream_key, is_buffered=not job.is_streamed, inbox=job.inbox)
+    publisher = CoalescingPublisher(
+        redis, stream_key, is_buffered=not job.is_streamed, inbox=job.inbox, inbox_events=job.inbox_events
+    )
     lookup = cache_request(job, inputs)
     hit = await _cache_lookup(lookup, inputs, redis) if lookup else None
     # The web side holds an SSE response's headers for this event (X-Parley-Cache).

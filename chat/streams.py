@@ -135,10 +135,12 @@ class CoalescingPublisher:
         frame_seconds: float = FRAME_SECONDS,
         is_buffered: bool = False,
         inbox: str | None = None,
+        inbox_events: bool = False,
     ) -> None:
         self.redis = redis
         self.key = key
         self.inbox = inbox  # the starting web process's notification channel (notify_on)
+        self.inbox_events = inbox_events  # its notifications carry the events (_WRITE_AND_NOTIFY)
         self.frame_seconds = frame_seconds
         # Nobody watches the tokens arrive (a non-streamed request waits for the end): everything
         # is written once, with the terminal event (close_on).
@@ -204,7 +206,7 @@ class CoalescingPublisher:
     def _queue(self, pipe, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
         sets_ttl = is_terminal or self.writes == 0
         self.writes += 1
-        if self.inbox:  # the starting web process takes the events from its notification
+        if self.inbox and self.inbox_events:  # the web process takes the events from its notification
             ttl = STREAM_TTL_SECONDS if sets_ttl else ""
             arguments = [STREAM_MAX_EVENTS, ttl, notify_channel(self.key), self.inbox]
             for event_type, data in batch:
@@ -220,7 +222,7 @@ class CoalescingPublisher:
             )
         if sets_ttl:
             pipe.expire(self.key, STREAM_TTL_SECONDS)
-        notify_on(pipe, self.key)
+        notify_on(pipe, self.key, self.inbox)
 
     def _flush_later(self) -> None:
         self._timer = None

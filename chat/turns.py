@@ -227,6 +227,7 @@ async def turn_start_from_messages_async(
             "epoch": epoch.decode(),
             "earlier": records[:-1],
             "inbox": inbox,
+            "inbox_events": inbox is not None,  # this process reads events from its notifications
         },
     )
     stream_key = generation_stream_key(schema_name, generation_id)

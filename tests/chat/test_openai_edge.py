@@ -128,6 +128,44 @@ async def test_edge_streams_openai_chunks(worker, live, django_db_blocker):
     assert chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize("carries_events", [True, False], ids=["worker_carries_events_case", "worker_from_before_case"])
+async def test_edge_follows_its_turn_whichever_way_the_worker_notifies(
+    worker, live, django_db_blocker, monkeypatch, carries_events
+):
+    """The edge's job says its process takes events inside the inbox's notifications; a worker
+    that does so spares the stream's read, and one from before (the key alone) still works."""
+    from chat.engine import TurnJob
+    from chat.transports.hub import get_hub
+
+    named = []
+    original = TurnJob.inbox_events
+
+    def inbox_events(job):
+        named.append(original.fget(job))
+        return carries_events and original.fget(job)
+
+    monkeypatch.setattr(TurnJob, "inbox_events", property(inbox_events))
+    hub = get_hub()
+    reads = []
+    real_fetch = hub._fetch
+
+    async def counting_fetch(keys):
+        reads.append(keys)
+        await real_fetch(keys)
+
+    monkeypatch.setattr(hub, "_fetch", counting_fetch)
+    with django_db_blocker.unblock():
+        response = await _post(live, _request(live, stream=True))
+
+    assert response.status_code == 200
+    chunks = [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+    assert "original card" in "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert response.text.endswith("data: [DONE]\n\n")
+    assert named
+    assert all(named)
+    assert (reads == []) is carries_events
+
+
 async def test_edge_ends_a_stream_cleanly_when_redis_fails_after_it_started(live, django_db_blocker, monkeypatch):
     """Lost Redis mid-answer: the client keeps the 200 and the chunks it had, then an error chunk
     ends the stream (no [DONE], no second response start); the turn's hub registration is dropped."""

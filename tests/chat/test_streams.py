@@ -242,7 +242,7 @@ async def test_an_inbox_notification_carries_the_events_it_announces():
     await listener.subscribe(inbox)
     await listener.get_message(timeout=1)  # the subscription's confirmation
     first_id = await redis.xadd(key, {"type": "message.created", "data": "{}"})  # as the web writes it
-    publisher = CoalescingPublisher(redis, key, inbox=inbox, frame_seconds=10)
+    publisher = CoalescingPublisher(redis, key, inbox=inbox, inbox_events=True, frame_seconds=10)
 
     await publisher.add("token", {"text": 'line one\nline "two" \u2013 ünïcode'})
     await publisher.close("done", {"finish_reason": "stop"})
@@ -283,7 +283,7 @@ async def test_the_hub_takes_carried_events_without_reading_the_stream(monkeypat
         await real_fetch(keys)
 
     monkeypatch.setattr(hub, "_fetch", counting_fetch)
-    publisher = CoalescingPublisher(redis, key, inbox=inbox)
+    publisher = CoalescingPublisher(redis, key, inbox=inbox, inbox_events=True)
     follower = asyncio.create_task(_collect(follow_batches(key, subscription=subscription, block_ms=5_000)))
     await publisher.add("token", {"text": "a"})
     await asyncio.sleep(0.05)
@@ -310,7 +310,7 @@ async def test_a_follower_missing_events_before_a_carried_batch_gets_the_stream_
     await redis.xadd(key, {"type": "message.created", "data": "{}"})
     # An event whose notification this process never got (written elsewhere, or lost).
     await redis.xadd(key, {"type": "generation.started", "data": json.dumps({"cache": "miss"})})
-    publisher = CoalescingPublisher(redis, key, inbox=inbox)
+    publisher = CoalescingPublisher(redis, key, inbox=inbox, inbox_events=True)
     follower = asyncio.create_task(_collect(follow_batches(key, subscription=subscription, block_ms=5_000)))
     await publisher.close("done", {"finish_reason": "stop"})
     events = await asyncio.wait_for(follower, 2)
