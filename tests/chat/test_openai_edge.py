@@ -18,6 +18,7 @@ from chat.services import bot_update
 from chat.transports.openai_api import ChatCompletionInputSerializer
 from chat.transports.openai_edge import _well_formed
 from tenants.models import ApiKey
+from tests.chat.turn_fixtures import hub_reads
 from tests.factories import make_api_key
 
 pytestmark = pytest.mark.slow
@@ -146,14 +147,7 @@ async def test_edge_follows_its_turn_whichever_way_the_worker_notifies(
 
     monkeypatch.setattr(TurnJob, "inbox_events", property(inbox_events))
     hub = get_hub()
-    reads = []
-    real_fetch = hub._fetch
-
-    async def counting_fetch(keys):
-        reads.append(keys)
-        await real_fetch(keys)
-
-    monkeypatch.setattr(hub, "_fetch", counting_fetch)
+    reads = hub_reads(hub, monkeypatch)
     with django_db_blocker.unblock():
         response = await _post(live, _request(live, stream=True))
 

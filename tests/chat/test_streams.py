@@ -7,6 +7,7 @@ import json
 
 from chat.streams import CoalescingPublisher
 from tenants.redis import get_async_redis
+from tests.chat.turn_fixtures import hub_reads
 
 
 async def _events(redis, key) -> list[tuple[str, dict]]:
@@ -275,14 +276,7 @@ async def test_the_hub_takes_carried_events_without_reading_the_stream(monkeypat
     subscription = hub.register(key)
     created = await redis.xadd(key, {"type": "message.created", "data": "{}"})
     hub.advance(subscription, created.decode())  # the edge wrote it: it needs no read
-    reads = []
-    real_fetch = hub._fetch
-
-    async def counting_fetch(keys):
-        reads.append(keys)
-        await real_fetch(keys)
-
-    monkeypatch.setattr(hub, "_fetch", counting_fetch)
+    reads = hub_reads(hub, monkeypatch)
     publisher = CoalescingPublisher(redis, key, inbox=inbox, inbox_events=True)
     follower = asyncio.create_task(_collect(follow_batches(key, subscription=subscription, block_ms=5_000)))
     await publisher.add("token", {"text": "a"})

@@ -24,6 +24,19 @@ from tenants.models import ApiKey
 from tests.factories import ingest_text, make_api_key
 
 
+def hub_reads(hub, monkeypatch) -> list[list[str]]:
+    """The stream keys of each read the hub makes from now on (the list fills as it reads)."""
+    reads: list[list[str]] = []
+    real_fetch = hub._fetch
+
+    async def counting_fetch(keys):
+        reads.append(keys)
+        await real_fetch(keys)
+
+    monkeypatch.setattr(hub, "_fetch", counting_fetch)
+    return reads
+
+
 def sse_events(response) -> list[tuple[str, str, dict]]:
     """A Django streaming response's SSE events as (id, type, data), comments skipped."""
 
