@@ -459,7 +459,7 @@ async def _finish(
     message = answer_message(job, outcome)
     outcome.message_id = str(message.pk)
     terminal = _terminal_event(outcome)
-    settlement_queued = None
+    settlement_queued = closing = None
     try:
         async with redis.pipeline(transaction=False) as pipe:
             persistence.queue_on(
@@ -467,7 +467,7 @@ async def _finish(
             )
             if job.gateway is not None:
                 settlement_queued = gateway.settle_queue(pipe, job.gateway, **settlement(job, outcome))
-            await publisher.close_on(pipe, *terminal)
+            closing = await publisher.close_on(pipe, *terminal)
             if on_finish is not None:
                 on_finish(pipe)
             results = await pipe.execute(raise_on_error=False)
@@ -481,6 +481,7 @@ async def _finish(
     failures = [result for result in results if isinstance(result, Exception)]
     if failures:
         logger.error("turn_end_writes_failed", generation_id=job.generation_id, errors=[str(f) for f in failures])
+        await closing.finish(results)  # the stream ends all the same
     else:
         outcome.is_finished_in_one_trip = True
     if settlement_queued is not None:

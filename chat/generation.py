@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from chat.engine import TurnJob, TurnOutcome, run_turn, save_answer
 from chat.metrics import ACTIVE_GENERATIONS
 from chat.providers.base import Provider
-from chat.streams import JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
+from chat.streams import INTERRUPTED_ERROR, JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
 from tenants.redis import get_async_redis
 
 logger = logging.getLogger(__name__)
@@ -176,13 +176,7 @@ class GenerationWorker:
             self.redis,
             key,
             "error",
-            {
-                "message": "The answer was interrupted; please try again.",
-                "type": "server_error",
-                "code": "generation_interrupted",
-                "message_id": message_id,
-                "partial_text_length": len(text),
-            },
+            {**INTERRUPTED_ERROR, "message_id": message_id, "partial_text_length": len(text)},
             inbox=job.inbox,
         )
         return True

@@ -36,6 +36,12 @@ STREAM_MAX_EVENTS = 50_000  # far above any answer; bounds a runaway generation'
 TERMINAL_EVENTS = frozenset({"done", "error"})
 # A worker took the turn and looked it up in the response cache: {"cache": "exact"|"semantic"|"miss"}.
 STARTED_EVENT = "generation.started"
+# How a stream ends when its answer broke off after some of it was streamed.
+INTERRUPTED_ERROR = {
+    "message": "The answer was interrupted; please try again.",
+    "type": "server_error",
+    "code": "generation_interrupted",
+}
 JOBS_STREAM = "parley:generation:jobs"
 JOBS_GROUP = "generators"
 
@@ -193,15 +199,24 @@ class CoalescingPublisher:
         self._pending.append((event_type, dict(data)))
         await self.flush(is_terminal=True)
 
-    async def close_on(self, pipe, event_type: str, data: dict[str, Any]) -> None:
+    async def close_on(self, pipe, event_type: str, data: dict[str, Any]) -> QueuedClose:
         """Queue everything pending and the terminal event on ``pipe``, for the caller to execute
-        with its other end-of-turn writes (nothing may be added after)."""
+        with its other end-of-turn writes (nothing may be added after); then hand the pipeline's
+        replies to the returned object's ``finish``."""
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             batch, self._pending = [*self._pending, (event_type, dict(data))], []
+            first = len(pipe)
             self._queue(pipe, batch, is_terminal=True)
+            return QueuedClose(publisher=self, batch=batch, replies=slice(first, len(pipe)))
+
+    async def rewrite(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write a closing batch on its own (its write with the turn's end failed)."""
+        async with self._lock, self.redis.pipeline(transaction=False) as pipe:
+            self._queue(pipe, batch, is_terminal=True)
+            await pipe.execute()
 
     def _queue(self, pipe, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
         sets_ttl = is_terminal or self.writes == 0
@@ -243,6 +258,31 @@ class CoalescingPublisher:
                 await pipe.execute()
             if not is_out_of_frame:
                 self._last_write = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedClose:
+    """A stream's last events, queued on a caller's pipeline (``CoalescingPublisher.close_on``)."""
+
+    publisher: CoalescingPublisher
+    batch: list[tuple[str, dict[str, Any]]]
+    replies: slice  # the pipeline's replies to their commands
+
+    async def finish(self, results: list) -> None:
+        """Make sure the stream ends although its write failed (say, Redis refusing writes for
+        a moment): followers would otherwise wait for a terminal event that never comes. A write
+        that failed whole is made again; one that went through in part ends the stream with an
+        error instead, rather than repeat what its followers already have."""
+        replies = results[self.replies]
+        failed = [reply for reply in replies if isinstance(reply, Exception)]
+        if not failed:
+            return
+        is_all_lost = len(failed) == len(replies)
+        batch = self.batch if is_all_lost else [("error", {**INTERRUPTED_ERROR, "partial": True})]
+        try:
+            await self.publisher.rewrite(batch)
+        except Exception:
+            logger.exception("stream_close_rewrite_failed", key=self.publisher.key)
 
 
 def decode_event(entry_id: bytes | str, fields: dict) -> StreamEvent:

@@ -4,6 +4,7 @@ and PostgreSQL; its validation checked against the Django view's serializer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -158,6 +159,32 @@ async def test_edge_follows_its_turn_whichever_way_the_worker_notifies(
     assert named
     assert all(named)
     assert (reads == []) is carries_events
+
+
+async def test_an_answer_whose_last_write_fails_still_reaches_the_client(worker, live, django_db_blocker, monkeypatch):
+    """The worker's end-of-turn write refused for the stream's events (once): the client gets
+    the whole answer all the same, not a wait for a terminal event that never comes."""
+    from chat.streams import CoalescingPublisher
+
+    original = CoalescingPublisher._queue
+    refused = []
+
+    def queue_refused_once(self, pipe, batch, *, is_terminal):
+        if is_terminal and not refused:
+            refused.append([event_type for event_type, _data in batch])
+            pipe.execute_command("XADD", self.key, "MAXLEN", "not-a-number", "*", "type", "token")  # Redis refuses it
+            return
+        original(self, pipe, batch, is_terminal=is_terminal)
+
+    monkeypatch.setattr(CoalescingPublisher, "_queue", queue_refused_once)
+    with django_db_blocker.unblock():
+        response = await asyncio.wait_for(_post(live, _request(live)), 15)  # without the rewrite: 600 s
+
+    assert refused
+    assert refused[0][-1] == "done"
+    assert response.status_code == 200
+    assert "original card" in response.json()["choices"][0]["message"]["content"]
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_edge_ends_a_stream_cleanly_when_redis_fails_after_it_started(live, django_db_blocker, monkeypatch):

@@ -311,3 +311,50 @@ async def test_a_follower_missing_events_before_a_carried_batch_gets_the_stream_
 
     assert [event.type for event in events] == ["message.created", "generation.started", "done"]
     assert len({event.id for event in events}) == 3  # none twice
+
+
+# --- a stream's last write failing -----------------------------------------------------------
+
+
+async def test_a_closing_batch_whose_write_was_refused_whole_is_written_again():
+    redis = get_async_redis()
+    key = "t:test:gen:close-refused"
+    publisher = CoalescingPublisher(redis, key, frame_seconds=10)
+    await publisher.add("token", {"text": "a"})
+    await publisher.add("token", {"text": "b"})  # pending: goes with the end
+
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set("t:test:other-end-of-turn-write", 1)
+        closing = await publisher.close_on(pipe, "done", {"finish_reason": "stop"})
+        # Not executed: as if Redis had refused every command of the events.
+        results = [True] + [RuntimeError("OOM command not allowed")] * (len(pipe) - 1)
+        pipe.reset()
+    await closing.finish(results)
+
+    assert await _events(redis, key) == [
+        ("token", {"text": "a"}),
+        ("token", {"text": "b"}),
+        ("done", {"finish_reason": "stop"}),
+    ]
+    await redis.aclose()
+
+
+async def test_a_closing_batch_written_in_part_ends_the_stream_with_an_error_not_a_repeat():
+    redis = get_async_redis()
+    key = "t:test:gen:close-partial"
+    publisher = CoalescingPublisher(redis, key, frame_seconds=10)
+    await publisher.add("token", {"text": "a"})
+    await publisher.add("citation", {"index": 1})  # pending: goes with the end
+
+    async with redis.pipeline(transaction=False) as pipe:
+        closing = await publisher.close_on(pipe, "done", {"finish_reason": "stop"})
+        results = await pipe.execute()
+    results[closing.replies.start + 1] = RuntimeError("refused")  # say the terminal event failed
+    await closing.finish(results)
+
+    events = await _events(redis, key)
+    assert [event_type for event_type, _data in events][:3] == ["token", "citation", "done"]
+    assert events[-1][0] == "error"
+    assert events[-1][1]["code"] == "generation_interrupted"
+    assert [event_type for event_type, _data in events].count("token") == 1  # nothing repeated
+    await redis.aclose()
