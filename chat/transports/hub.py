@@ -150,15 +150,10 @@ class StreamHub:
         key, previous, events = carried
         before = _id_tuple(previous)
         for subscription in list(self.subscribers.get(key, ())):
-            last = _id_tuple(subscription.last)
-            if last < before:
+            if _id_tuple(subscription.last) < before:
                 self.mark(key)  # a gap: what came between is read from the stream
-                continue
-            for event in events:
-                if _id_tuple(event.id) > last and not subscription.done:
-                    subscription.queue.put_nowait(event)
-                    subscription.last = event.id
-                    subscription.done = event.is_terminal
+            else:
+                _hand_over(subscription, events)
 
     def mark(self, key: str) -> None:
         self.dirty.add(key)
@@ -229,14 +224,19 @@ class StreamHub:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             events = [decode_event(entry_id, fields) for entry_id, fields in entries]
             for subscription in list(self.subscribers.get(key, ())):
-                last = _id_tuple(subscription.last)
-                for event in events:
-                    if _id_tuple(event.id) > last and not subscription.done:
-                        subscription.queue.put_nowait(event)
-                        subscription.last = event.id
-                        subscription.done = event.is_terminal
+                _hand_over(subscription, events)
             if len(entries) == XREAD_COUNT:
                 self.mark(key)  # more to read
+
+
+def _hand_over(subscription: Subscription, events: list[StreamEvent]) -> None:
+    """The events the follower does not have yet (ids past its last), up to a terminal one."""
+    last = _id_tuple(subscription.last)
+    for event in events:
+        if _id_tuple(event.id) > last and not subscription.done:
+            subscription.queue.put_nowait(event)
+            subscription.last = event.id
+            subscription.done = event.is_terminal
 
 
 def _raise_if_cancelled() -> None:
