@@ -120,7 +120,12 @@ async def publish(
         pipe.expire(key, STREAM_TTL_SECONDS)
         notify_on(pipe, key, inbox)
         entry_id, *_rest = await pipe.execute()
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return entry_id_of(entry_id)
+
+
+def entry_id_of(reply: bytes | str) -> str:
+    """A stream entry's id as Redis returned it (XADD's reply, an XREAD entry), as text."""
+    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 class CoalescingPublisher:
@@ -214,8 +219,12 @@ class CoalescingPublisher:
 
     async def rewrite(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Write a closing batch on its own (its write with the turn's end failed)."""
-        async with self._lock, self.redis.pipeline(transaction=False) as pipe:
-            self._queue(pipe, batch, is_terminal=True)
+        async with self._lock:
+            await self._write(batch, is_terminal=True)
+
+    async def _write(self, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue(pipe, batch, is_terminal=is_terminal)
             await pipe.execute()
 
     def _queue(self, pipe, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
@@ -253,9 +262,7 @@ class CoalescingPublisher:
             batch, self._pending = self._pending, []
             if not batch:
                 return
-            async with self.redis.pipeline(transaction=False) as pipe:
-                self._queue(pipe, batch, is_terminal=is_terminal)
-                await pipe.execute()
+            await self._write(batch, is_terminal=is_terminal)
             if not is_out_of_frame:
                 self._last_write = time.monotonic()
 
@@ -287,7 +294,7 @@ class QueuedClose:
 
 def decode_event(entry_id: bytes | str, fields: dict) -> StreamEvent:
     return StreamEvent(
-        id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        id=entry_id_of(entry_id),
         type=fields[b"type"].decode(),
         data=json.loads(fields[b"data"]),
     )

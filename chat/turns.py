@@ -31,6 +31,7 @@ from chat.streams import (
     STARTED_EVENT,
     STREAM_TTL_SECONDS,
     cancel_key,
+    entry_id_of,
     generation_owner_key,
     generation_stream_key,
 )
@@ -278,12 +279,8 @@ async def turn_start_from_messages_async(
         stream_key=stream_key,
         headers=admission.headers,
         cache_layer=hit.layer if hit is not None else None,
-        created_event_id=_entry_id(replies[created_reply]),
+        created_event_id=entry_id_of(replies[created_reply]),
     )
-
-
-def _entry_id(reply: bytes | str) -> str:
-    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 @dataclass(frozen=True, slots=True)
