@@ -341,6 +341,20 @@ class _StreamState:
     is_done: bool = False  # [DONE] seen
 
 
+async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The body's complete lines, a list per read from the socket; at its end, the last line
+    even without its newline. ValueError for a line longer than ``_MAX_SSE_LINE_BYTES``."""
+    partial = b""  # the start of a line whose end has not arrived yet
+    async for data in content.iter_any():
+        lines = (partial + data).split(b"\n")
+        partial = lines.pop()
+        if len(partial) > _MAX_SSE_LINE_BYTES:
+            raise ValueError(f"a line longer than {_MAX_SSE_LINE_BYTES} bytes")
+        yield lines
+    if partial:
+        yield [partial]
+
+
 class AiohttpOpenAICompatProvider(OpenAICompatProvider):
     """The same endpoint through aiohttp: a tenth of the SDK's CPU per request (module docstring)."""
 
@@ -410,24 +424,14 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
         response = await self._post(body, deadline=self._deadline(request))
         state = _StreamState(model=body["model"])
         text: list[str] = []
-        partial = b""  # the start of a line whose end has not arrived yet
         try:
-            async for data in response.content.iter_any():
-                lines = (partial + data).split(b"\n")
-                partial = lines.pop()
-                if len(partial) > _MAX_SSE_LINE_BYTES:
-                    raise ValueError(f"a line longer than {_MAX_SSE_LINE_BYTES} bytes")
+            async for lines in _line_batches(response.content):
                 content = self._parse_lines(lines, state)
                 if content:
                     text.append(content)
                     yield Delta(content)
                 if state.is_done:
                     break
-            else:  # the end of the body: its last line may lack its newline
-                content = self._parse_lines([partial], state)
-                if content:
-                    text.append(content)
-                    yield Delta(content)
         except (aiohttp.ClientError, TimeoutError) as error:
             raise self._translate(error) from error
         except ValueError as error:  # an unparseable chunk, or a line beyond the limit
