@@ -5,6 +5,7 @@ a per-command timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -36,31 +37,32 @@ async def test_many_concurrent_commands_share_a_small_pool():
         await client.aclose()
 
 
-async def test_a_command_waits_for_a_connection_to_be_released():
-    client = _client(max_connections=1, timeout=5)
+@contextlib.asynccontextmanager
+async def _only_connection_held(*, pool_wait_seconds: float):
+    """A client whose pool allows one connection, that connection taken: (client, pool, held)."""
+    client = _client(max_connections=1, timeout=pool_wait_seconds)
     pool = client.connection_pool
     try:
-        held = await pool.get_connection()
+        yield client, pool, await pool.get_connection()
+    finally:
+        await client.aclose()
+
+
+async def test_a_command_waits_for_a_connection_to_be_released():
+    async with _only_connection_held(pool_wait_seconds=5) as (client, pool, held):
         waiting = asyncio.create_task(client.ping())
         await asyncio.sleep(0.1)
         assert not waiting.done()  # no free connection, and the pool may not open a second one
         await pool.release(held)
         assert await asyncio.wait_for(waiting, 5) is True
-    finally:
-        await client.aclose()
 
 
 async def test_a_command_gives_up_when_no_connection_is_released():
-    client = _client(max_connections=1, timeout=0.2)
-    pool = client.connection_pool
-    try:
-        held = await pool.get_connection()
+    async with _only_connection_held(pool_wait_seconds=0.2) as (client, pool, held):
         with pytest.raises(RedisConnectionError, match="No connection available"):
             await client.ping()
         await pool.release(held)
         assert await client.ping() is True
-    finally:
-        await client.aclose()
 
 
 async def test_a_broken_connection_is_replaced_when_taken():
