@@ -20,6 +20,7 @@ import os
 import socket
 from collections.abc import Callable
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -108,7 +109,7 @@ class GenerationWorker:
 
     async def _handle(self, entry_id, fields, *, orphan: bool) -> None:
         try:
-            job = TurnJob(**json.loads(fields[b"job"]))
+            job = TurnJob(**orjson.loads(fields[b"job"]))
         except (KeyError, TypeError, ValueError):
             logger.exception("dropping malformed generation job %s", entry_id)
             await self._ack(entry_id)

@@ -10,13 +10,13 @@ duplicates, no gaps. Streams expire an hour after their last event.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 import structlog
 
@@ -113,7 +113,7 @@ async def publish(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xadd(
             key,
-            {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
+            {"type": event_type, "data": orjson.dumps(data)},
             maxlen=STREAM_MAX_EVENTS,
             approximate=True,
         )
@@ -234,13 +234,13 @@ class CoalescingPublisher:
             ttl = STREAM_TTL_SECONDS if sets_ttl else ""
             arguments = [STREAM_MAX_EVENTS, ttl, notify_channel(self.key), self.inbox]
             for event_type, data in batch:
-                arguments += [event_type, json.dumps(data, separators=(",", ":"))]
+                arguments += [event_type, orjson.dumps(data)]
             pipe.eval(_WRITE_AND_NOTIFY, 1, self.key, *arguments)
             return
         for event_type, data in batch:
             pipe.xadd(
                 self.key,
-                {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
+                {"type": event_type, "data": orjson.dumps(data)},
                 maxlen=STREAM_MAX_EVENTS,
                 approximate=True,
             )
@@ -296,7 +296,7 @@ def decode_event(entry_id: bytes | str, fields: dict) -> StreamEvent:
     return StreamEvent(
         id=entry_id_of(entry_id),
         type=fields[b"type"].decode(),
-        data=json.loads(fields[b"data"]),
+        data=orjson.loads(fields[b"data"]),
     )
 
 
@@ -307,7 +307,7 @@ def events_of_notification(payload: str) -> tuple[str, str, list[StreamEvent]] |
         return None
     key, previous, *fields = payload.split("\n")
     events = [
-        StreamEvent(id=fields[index], type=fields[index + 1], data=json.loads(fields[index + 2]))
+        StreamEvent(id=fields[index], type=fields[index + 1], data=orjson.loads(fields[index + 2]))
         for index in range(0, len(fields), 3)
     ]
     return key, previous, events

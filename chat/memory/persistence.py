@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import redis
 import structlog
 from asgiref.sync import sync_to_async
@@ -68,7 +69,7 @@ def queue_on(
     for index, record in enumerate(records):
         fields = {"s": schema_name, "m": message_records.dumps(record)}
         if index == 0 and conversation is not None:
-            fields["c"] = json.dumps(conversation, separators=(",", ":"))
+            fields["c"] = orjson.dumps(conversation)
         pipe.xadd(WRITE_STREAM, fields)
     hot_store.hot_append(
         pipe,

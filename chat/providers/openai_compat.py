@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -30,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 
 from chat.providers.base import (
     BadRequest,
@@ -396,7 +396,7 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
             async with asyncio.timeout(deadline):
                 response = await self.session.post(
                     f"{self.base_url}/chat/completions",
-                    data=json.dumps(body),
+                    data=orjson.dumps(body),
                     headers=self._request_headers,
                     timeout=timeout,
                 )
@@ -409,7 +409,7 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
         except (aiohttp.ClientError, TimeoutError) as error:
             raise self._translate(error) from error
         try:
-            parsed: object = json.loads(raw)
+            parsed: object = orjson.loads(raw)
         except ValueError:
             parsed = raw.decode(errors="replace")[:500]
         message, code = error_details(parsed, parsed if isinstance(parsed, str) else response.reason or "")
@@ -455,7 +455,7 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
             if payload == b"[DONE]":
                 state.is_done = True
                 break
-            chunk = json.loads(payload)
+            chunk = orjson.loads(payload)
             if chunk.get("error"):
                 message, _ = error_details(chunk, "the stream carried an error")
                 raise Unavailable(f"{self.label} reported an error: {message}")
@@ -475,7 +475,7 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
         body = self._body(request)
         response = await self._post(body, deadline=self._deadline(request))
         try:
-            data = json.loads(await response.read())
+            data = orjson.loads(await response.read())
         except (aiohttp.ClientError, TimeoutError) as error:
             raise self._translate(error) from error
         except ValueError as error:

@@ -9,11 +9,11 @@ unchanged, errors included.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -184,7 +184,7 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_rea
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
     }
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 DONE_CHUNK = b"data: [DONE]\n\n"
@@ -218,7 +218,7 @@ class ChunkEncoder:
                     "choices": [],
                     "usage": event.data["usage"],
                 }
-                chunk += b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+                chunk += b"data: " + orjson.dumps(usage) + b"\n\n"
             return chunk
         if event.type == "error":
             data = event.data
@@ -229,7 +229,7 @@ class ChunkEncoder:
 def error_chunk(*, message: str, error_type: str, code: str | None) -> bytes:
     """An error as a stream's chunk: the SDKs raise an APIError for a chunk that carries "error"."""
     error = {"error": {"message": message, "type": error_type, "code": code}}
-    return b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(error) + b"\n\n"
 
 
 async def completion_chunks(

@@ -17,13 +17,13 @@ the same gateway, the same events. ``PARLEY_OPENAI_EDGE=False`` sends everything
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -320,7 +320,7 @@ async def _read_body(receive: Receive, headers: dict[str, str]) -> bytes:
 
 async def _validated(body: bytes) -> dict:
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ValidationFailed("JSON parse error: the body is not valid JSON.", code="invalid_json") from None
     cleaned = _well_formed(data)
@@ -405,7 +405,7 @@ def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: dict[str, str]) -> None:
-    payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    payload = orjson.dumps(body)
     await send(
         {
             "type": "http.response.start",

@@ -209,7 +209,7 @@ def test_a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_is_writte
     usage_record(make_event(tenant_pair.a, "evt-1"))
     client.xadd(metering.USAGE_STREAM, {"e": b"{not json"})
     client.xadd(metering.USAGE_STREAM, {"other": b"x"})
-    bad_tokens = make_event(tenant_pair.a, "evt-2").to_json().replace('"tokens_in":100', '"tokens_in":1.5')
+    bad_tokens = make_event(tenant_pair.a, "evt-2").to_json().decode().replace('"tokens_in":100', '"tokens_in":1.5')
     client.xadd(metering.USAGE_STREAM, {"e": bad_tokens})
 
     assert usage_flush() == 1
