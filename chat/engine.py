@@ -20,10 +20,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from asgiref.sync import sync_to_async
+from django.utils import timezone
 
 from chat import cache, gateway, metrics, selectors, snapshots
 from chat.memory import history, hot_store, persistence
-from chat.memory.records import record_of, timestamp_of
+from chat.memory.records import record_new, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
 from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generation_stream_key
@@ -363,12 +364,14 @@ def build_request(job: TurnJob, inputs: TurnInputs, sources: list[Source]) -> Ch
     )
 
 
-def answer_message(job: TurnJob, outcome: TurnOutcome) -> Message:
+def answer_record(job: TurnJob, outcome: TurnOutcome) -> dict[str, Any]:
+    """The assistant's message as a record (chat.memory.records), stamped now."""
     usage = outcome.usage
-    return Message(
+    return record_new(
         conversation_id=job.conversation_id,
-        role=Message.Role.ASSISTANT,
+        role=Message.Role.ASSISTANT.value,
         content=outcome.text,
+        ts=timestamp_of(timezone.now()),
         generation_id=job.generation_id,
         tokens_in=usage.prompt_tokens if usage else None,
         tokens_out=usage.completion_tokens if usage else None,
@@ -385,14 +388,11 @@ def answer_message(job: TurnJob, outcome: TurnOutcome) -> Message:
 
 async def save_answer(job: TurnJob, outcome: TurnOutcome, redis: aioredis.Redis) -> str:
     """Queue the answer for the batch writer and the hot store (PostgreSQL at once if Redis is down)."""
-    message = answer_message(job, outcome)
+    record = answer_record(job, outcome)
     await persistence.messages_persist_async(
-        schema_name=job.schema_name,
-        conversation_id=job.conversation_id,
-        records=[record_of(message)],
-        redis_client=redis,
+        schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record], redis_client=redis
     )
-    return str(message.pk)
+    return record["id"]
 
 
 # --- the turn ---------------------------------------------------------------------------------
@@ -456,14 +456,14 @@ async def _finish(
     gateway's settlement and usage event, then the terminal event — in that order, so a client
     that sees ``done`` finds the answer stored. With Redis unreachable, step by step as before
     (the answer then goes to PostgreSQL directly)."""
-    message = answer_message(job, outcome)
-    outcome.message_id = str(message.pk)
+    record = answer_record(job, outcome)
+    outcome.message_id = record["id"]
     terminal = _terminal_event(outcome)
     settlement_queued = closing = None
     try:
         async with redis.pipeline(transaction=False) as pipe:
             persistence.queue_on(
-                pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record_of(message)]
+                pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record]
             )
             if job.gateway is not None:
                 settlement_queued = gateway.settle_queue(pipe, job.gateway, **settlement(job, outcome))

@@ -10,8 +10,8 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 
+import orjson
 import structlog
 from django.db import connection
 from django.utils import timezone
@@ -22,7 +22,7 @@ from chat.cache import CachedAnswer
 from chat.engine import TurnJob, TurnOutcome
 from chat.gateway import Admission, Caller, admit
 from chat.memory import persistence
-from chat.memory.records import record_of, timestamp_of
+from chat.memory.records import message_of, record_new, record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
 from chat.snapshots import BotSnapshot
@@ -131,9 +131,10 @@ def turn_start_from_messages(
         title=messages[-1]["content"].strip()[:80],
         last_message_at=now,
     )
-    rows = _message_rows(conversation.pk, messages, generation_id=generation_id, now=now)
+    records = _message_records(str(conversation.pk), messages, generation_id=generation_id, now=now)
+    rows = [message_of(record) for record in records]
     return _enqueue(
-        earlier=[record_of(row) for row in rows[:-1]],
+        earlier=records[:-1],
         conversation=conversation,
         messages=rows,
         generation_id=generation_id,
@@ -144,19 +145,21 @@ def turn_start_from_messages(
     )
 
 
-def _message_rows(conversation_id, messages: list[dict], *, generation_id: str, now) -> list[Message]:
-    """A stateless caller's exchange as messages of its conversation, the last one the new turn's."""
-    rows = [
-        Message(
+def _message_records(conversation_id: str, messages: list[dict], *, generation_id: str, now) -> list[dict]:
+    """A stateless caller's exchange as records of its conversation's messages (a microsecond
+    apart, in order), the last one the new turn's."""
+    ts = timestamp_of(now)
+    records = [
+        record_new(
             conversation_id=conversation_id,
             role="system" if item["role"] == "developer" else item["role"],
             content=item["content"],
-            created_at=now + timedelta(microseconds=index),
+            ts=ts + index,
         )
         for index, item in enumerate(messages)
     ]
-    rows[-1].generation_id = generation_id
-    return rows
+    records[-1]["generation_id"] = generation_id
+    return records
 
 
 def _queue_turn(
@@ -166,14 +169,14 @@ def _queue_turn(
     workers — or, for an exact cache hit, the answer itself. Returns the cache hit's outcome, and
     where the first event's entry id will be among the pipeline's replies."""
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
-    pipe.set(generation_owner_key(job.schema_name, job.generation_id), json.dumps(owner), ex=STREAM_TTL_SECONDS)
+    pipe.set(generation_owner_key(job.schema_name, job.generation_id), orjson.dumps(owner), ex=STREAM_TTL_SECONDS)
     created_reply = len(pipe)
-    pipe.xadd(stream_key, {"type": "message.created", "data": json.dumps(created)})
+    pipe.xadd(stream_key, {"type": "message.created", "data": orjson.dumps(created)})
     pipe.expire(stream_key, STREAM_TTL_SECONDS)
     # No notification: nobody follows a generation before it is started; its followers read what
     # was written before they came (chat.transports.hub).
     if hit is None:
-        pipe.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
+        pipe.xadd(JOBS_STREAM, {"job": orjson.dumps(job.as_dict())})
         return None, created_reply
     return _answer_from_cache(pipe, job, hit, started_at), created_reply
 
@@ -208,7 +211,7 @@ async def turn_start_from_messages_async(
     conversation_id = str(uuid.uuid4())
     now = timezone.now()
     now_ts = timestamp_of(now)
-    records = [record_of(row) for row in _message_rows(conversation_id, messages, generation_id=generation_id, now=now)]
+    records = _message_records(conversation_id, messages, generation_id=generation_id, now=now)
     user_record = records[-1]
     job = TurnJob(
         schema_name=schema_name,
@@ -406,11 +409,9 @@ def _edge_exact_hit(job: TurnJob, conversation: Conversation, earlier: list[dict
 def _answer_from_cache(pipe, job: TurnJob, hit: CachedAnswer, started_at: float) -> TurnOutcome:
     """Queue the cached answer's message and its events (the worker's own, chat.engine) on ``pipe``."""
     outcome = engine.cached_outcome(hit, started_at)
-    answer = engine.answer_message(job, outcome)
-    outcome.message_id = str(answer.pk)
-    persistence.queue_on(
-        pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record_of(answer)]
-    )
+    answer = engine.answer_record(job, outcome)
+    outcome.message_id = answer["id"]
+    persistence.queue_on(pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[answer])
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
     events = [
         (STARTED_EVENT, {"cache": hit.layer}),
@@ -419,7 +420,7 @@ def _answer_from_cache(pipe, job: TurnJob, hit: CachedAnswer, started_at: float)
         ("done", engine.done_event(outcome)),
     ]
     for event_type, data in events:
-        pipe.xadd(stream_key, {"type": event_type, "data": json.dumps(data, separators=(",", ":"))})
+        pipe.xadd(stream_key, {"type": event_type, "data": orjson.dumps(data)})
     return outcome
 
 

@@ -14,7 +14,7 @@ from django_tenants.utils import tenant_context
 from chat.engine import TurnJob, load_inputs
 from chat.memory import history, hot_store, persistence
 from chat.memory.persistence import WRITE_STREAM, messages_flush, messages_persist, messages_persist_async
-from chat.memory.records import record_of, timestamp_of
+from chat.memory.records import message_of, record_new, record_of, timestamp_of
 from chat.memory.summaries import conversation_summarise
 from chat.models import Bot, Conversation, Message
 from chat.services import bot_create, conversation_create, conversations_purge_expired
@@ -77,6 +77,29 @@ def _stored(tenant, conversation) -> list[tuple[str, str]]:
 
 
 # --- hot store ---------------------------------------------------------------------------------
+
+
+def test_a_new_record_is_the_record_of_the_message_it_stands_for(conversation):
+    """The hot paths build records without the model: the record must be what ``record_of`` gives
+    for the same new message, defaults included, and survive the round trip to a message."""
+    now = timezone.now()
+    built = record_new(
+        conversation_id=str(conversation.pk),
+        role="assistant",
+        content="Hello.",
+        ts=timestamp_of(now),
+        generation_id=str(uuid.uuid4()),
+        tokens_out=3,
+        citations=[{"title": "Guide"}],
+    )
+    expected = record_of(message_of(built))
+    assert built == expected
+    fresh = record_of(Message(conversation=conversation, role="user", content="Hi", created_at=now))
+    plain = record_new(conversation_id=str(conversation.pk), role="user", content="Hi", ts=timestamp_of(now))
+    assert {**plain, "id": fresh["id"]} == fresh
+    assert record_new(conversation_id="c", role="user", content="x", ts=1)["citations"] is not plain["citations"]
+    with pytest.raises(TypeError, match="feedbak"):
+        record_new(conversation_id="c", role="user", content="x", ts=1, feedbak="up")
 
 
 def test_turn_history_comes_from_the_hot_store_without_reading_messages(
