@@ -335,6 +335,15 @@ async def rate_limit_async(
     return _admitted() if reply is None else _decision(call, reply)
 
 
+async def rate_limit_refund_async(*, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int]) -> None:
+    """Give back what an admitted check took, for a request that went no further (never refuses)."""
+    call = _check_call(
+        schema_name=schema_name, limits=limits, costs={kind: -cost for kind, cost in costs.items()}, now_ms=None
+    )
+    if call.keys:
+        await _evaluate_async("rate_limit_refund", call.keys, ["charge", *call.args[1:]])
+
+
 def rate_limit_queue(pipe, *, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int]) -> _Call:
     """``rate_limit_async``'s script queued on ``pipe`` (the gateway reserves the budget in the
     same round trip); give the call and its reply to :func:`rate_limit_finish_async`. Nothing is

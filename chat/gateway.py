@@ -49,6 +49,7 @@ from billing.ratelimit import (
     rate_limit_finish_async,
     rate_limit_headers,
     rate_limit_queue,
+    rate_limit_refund_async,
     tokens_charge,
     tokens_charge_async,
     tokens_charge_queue,
@@ -175,46 +176,115 @@ def admit(*, caller: Caller, prompt_chars: int, max_tokens: int | None) -> Admis
 async def admit_async(*, caller: Caller, prompt_chars: int, max_tokens: int | None, epoch: bytes) -> Admission:
     """``admit`` for the async edge: the same checks, on the event loop's Redis client, with the
     billing policy read once per configuration epoch (no SQL on the hot path)."""
-    schema_name = caller.tenant.schema_name
+    queued = await admission_prepare(caller=caller, prompt_chars=prompt_chars, max_tokens=max_tokens, epoch=epoch)
+    async with get_loop_redis().pipeline(transaction=False) as pipe:
+        queued.queue(pipe)
+        try:
+            replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
+        except (RedisConnectionError, RedisTimeoutError):
+            replies = None
+    return await queued.finish(replies)
+
+
+async def admission_prepare(
+    *, caller: Caller, prompt_chars: int, max_tokens: int | None, epoch: bytes
+) -> QueuedAdmission:
+    """``admit_async`` in steps, for a caller that sends the admission's scripts in a round trip of
+    its own (the edge confirms the API key in the same one): queue, then finish — or undo."""
     estimate = estimate_tokens(prompt_chars=prompt_chars, max_tokens=max_tokens)
     policy = await billing_policy_cached(
         tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user, epoch=epoch
     )
     limits = _rate_limits(caller, policy)
-    costs = {"requests": 1, "tokens": estimate}
-    token_limits = [limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0]
-    reservation_id = uuid.uuid4().hex
-    # Both scripts in one round trip (on the time to first token's path). A request the rate
-    # limits refuse gives its reservation back; one the budget refuses, its per-minute tokens.
-    async with get_loop_redis().pipeline(transaction=False) as pipe:
-        rate_call = rate_limit_queue(pipe, schema_name=schema_name, limits=limits, costs=costs)
-        reserve_call = budget_reserve_queue(
-            pipe, tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=reservation_id
+    return QueuedAdmission(
+        caller=caller,
+        estimate=estimate,
+        limits=limits,
+        budgets=policy.budgets,
+        token_limits=[limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0],
+        reservation_id=uuid.uuid4().hex,
+    )
+
+
+@dataclass(slots=True)
+class QueuedAdmission:
+    """The rate limits and the budget reservation in one round trip (on the time to first token's
+    path). A request the rate limits refuse gives its reservation back; one the budget refuses,
+    its per-minute tokens."""
+
+    caller: Caller
+    estimate: int
+    limits: list[Limit]
+    budgets: list
+    token_limits: list[Limit]
+    reservation_id: str
+    first: int = 0  # where the admission's replies start among the pipeline's
+    rate_call: object = None
+    reserve_call: object = None
+
+    @property
+    def costs(self) -> dict[str, int]:
+        return {"requests": 1, "tokens": self.estimate}
+
+    def queue(self, pipe) -> None:
+        schema_name = self.caller.tenant.schema_name
+        self.first = len(pipe)
+        self.rate_call = rate_limit_queue(pipe, schema_name=schema_name, limits=self.limits, costs=self.costs)
+        self.reserve_call = budget_reserve_queue(
+            pipe,
+            tenant_schema=schema_name,
+            limits=self.budgets,
+            tokens=self.estimate,
+            reservation_id=self.reservation_id,
         )
-        try:
-            replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
-        except (RedisConnectionError, RedisTimeoutError):
-            replies = None
-    if replies is None:  # Redis unreachable: one at a time, each with its own rule (admit; 503)
-        decision = await rate_limit_async(schema_name=schema_name, limits=limits, costs=costs)
-    else:
-        reserve_reply = replies[-1] if reserve_call.limits else None
-        decision = await rate_limit_finish_async(rate_call, replies[0] if rate_call.keys else None)
-    if not decision.allowed:
-        if replies is not None:
-            await budget_reserve_undo_async(reserve_call, reserve_reply)
-        raise RateLimited.from_decision(decision)
-    try:
+
+    def _replies(self, replies: list) -> tuple[object, object]:
+        """(the rate limits' reply, the reservation's), each None when not queued."""
+        index = self.first
+        rate_reply = replies[index] if self.rate_call.keys else None
+        index += 1 if self.rate_call.keys else 0
+        reserve_reply = replies[index] if self.reserve_call.limits else None
+        return rate_reply, reserve_reply
+
+    async def finish(self, replies: list | None) -> Admission:
+        """The admission, from the pipeline's replies (None: Redis was unreachable: each check on
+        its own, with its own rule — admit; 503); raises RateLimited (429) or BudgetExceeded (402)."""
+        schema_name = self.caller.tenant.schema_name
         if replies is None:
-            reservation = await budget_reserve_async(
-                tenant_schema=schema_name, limits=policy.budgets, tokens=estimate, reservation_id=reservation_id
-            )
+            decision = await rate_limit_async(schema_name=schema_name, limits=self.limits, costs=self.costs)
         else:
-            reservation = await budget_reserve_finish_async(reserve_call, reserve_reply)
-    except BudgetExceeded:
-        await tokens_charge_async(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
-        raise
-    return _admission(caller, decision, estimate, reservation, token_limits)
+            rate_reply, reserve_reply = self._replies(replies)
+            decision = await rate_limit_finish_async(self.rate_call, rate_reply)
+        if not decision.allowed:
+            if replies is not None:
+                await budget_reserve_undo_async(self.reserve_call, reserve_reply)
+            raise RateLimited.from_decision(decision)
+        try:
+            if replies is None:
+                reservation = await budget_reserve_async(
+                    tenant_schema=schema_name,
+                    limits=self.budgets,
+                    tokens=self.estimate,
+                    reservation_id=self.reservation_id,
+                )
+            else:
+                reservation = await budget_reserve_finish_async(self.reserve_call, reserve_reply)
+        except BudgetExceeded:
+            await tokens_charge_async(
+                schema_name=schema_name, limits=self.token_limits, tokens=0, reserved=self.estimate
+            )
+            raise
+        return _admission(self.caller, decision, self.estimate, reservation, self.token_limits)
+
+    async def undo(self, replies: list) -> None:
+        """Give back whatever the queued scripts took (the request goes no further this way): the
+        request and its tokens to the rate limits, the tokens to the budgets."""
+        rate_reply, reserve_reply = self._replies(replies)
+        if isinstance(rate_reply, list) and int(rate_reply[0]):
+            await rate_limit_refund_async(
+                schema_name=self.caller.tenant.schema_name, limits=self.limits, costs=self.costs
+            )
+        await budget_reserve_undo_async(self.reserve_call, reserve_reply)
 
 
 def _admission(

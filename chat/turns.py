@@ -181,6 +181,16 @@ def _queue_turn(
     return _answer_from_cache(pipe, job, hit, started_at), created_reply
 
 
+def admission_estimate(*, bot: BotSnapshot, messages: list[dict], overrides: dict) -> dict:
+    """The gateway's estimate of a stateless caller's turn: ``prompt_chars`` and ``max_tokens``
+    for ``gateway.admit_async`` / ``admission_prepare``."""
+    prompt_chars = sum(len(item["content"]) for item in messages) + len(bot.system_prompt)
+    return {
+        "prompt_chars": prompt_chars + SOURCES_CHARS_ESTIMATE,
+        "max_tokens": overrides.get("max_tokens", bot.generation.get("max_tokens")),
+    }
+
+
 async def turn_start_from_messages_async(
     *,
     bot: BotSnapshot,
@@ -188,24 +198,17 @@ async def turn_start_from_messages_async(
     messages: list[dict],
     overrides: dict,
     is_streamed: bool,
-    caller: Caller,
+    admission: Admission,
     epoch: bytes,
     redis,
     generation_id: str | None = None,
     inbox: str | None = None,
 ) -> AsyncStartedTurn:
     """``turn_start_from_messages`` for the async edge (chat.transports.openai_edge): the same turn
-    without SQL or threads. The conversation's row goes to the batch writer with its messages
-    (chat.memory.persistence), and the gateway reads its policy per configuration epoch.
+    without SQL or threads, once the gateway has admitted it (``admission_estimate``'s figures).
+    The conversation's row goes to the batch writer with its messages (chat.memory.persistence).
     ``inbox``: the channel the worker notifies besides the stream's own (chat.transports.hub)."""
     validate_content(messages[-1]["content"])
-    max_tokens = overrides.get("max_tokens", bot.generation.get("max_tokens"))
-    admission = await gateway.admit_async(
-        caller=caller,
-        prompt_chars=sum(len(item["content"]) for item in messages) + len(bot.system_prompt) + SOURCES_CHARS_ESTIMATE,
-        max_tokens=max_tokens,
-        epoch=epoch,
-    )
     schema_name = bot.schema_name
     generation_id = generation_id or str(uuid.uuid4())
     conversation_id = str(uuid.uuid4())

@@ -19,10 +19,17 @@ from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 
+from tenants.config_epoch import EPOCH_KEY
 from tenants.errors import AuthenticationFailed, ParleyError, TenantSuspended
 from tenants.models import ApiKey, Membership, Tenant, User
 from tenants.redis import get_redis
-from tenants.resolution import ApiKeyRecord, api_key_resolve, tenant_and_key_resolve_async, tenant_hostname
+from tenants.resolution import (
+    ApiKeyRecord,
+    api_key_resolve,
+    resolution_cache_keys,
+    tenant_and_key_resolve_async,
+    tenant_hostname,
+)
 from tenants.services import api_key_hash, api_key_parse_prefix
 
 ALL_SCOPES = frozenset(ApiKey.Scope.values)
@@ -127,14 +134,17 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
 async def api_key_authenticate_async(raw_key: str, *, host: str, client_ip: str, redis):
     """The async edge's (chat.transports.openai_edge) tenant and API key in one Redis round trip:
     the resolution cache, the configuration epoch and the brute-force limit's state together;
-    then ``api_key_verify``'s checks. Returns ``(tenant, epoch, AuthContext)``."""
+    then ``api_key_verify``'s checks. Returns ``(tenant, epoch, AuthContext)``; the accepted key is
+    remembered in this process (``api_key_known``)."""
     from billing.ratelimit import auth_failures_peek_queue, auth_failures_retry_after
 
     prefix = api_key_parse_prefix(raw_key)
     identity = f"{prefix}:{client_ip}"
-    tenant, record, epoch, peeked = await tenant_and_key_resolve_async(
-        tenant_hostname(host), prefix, redis, also=lambda pipe: auth_failures_peek_queue(pipe, identity)
+    hostname = tenant_hostname(host)
+    resolved = await tenant_and_key_resolve_async(
+        hostname, prefix, redis, also=lambda pipe: auth_failures_peek_queue(pipe, identity)
     )
+    tenant, record = resolved.tenant, resolved.record
     if tenant is None and record is not None:
         tenant = record.tenant  # no tenant host: the key's own tenant
     if tenant is None:
@@ -143,11 +153,109 @@ async def api_key_authenticate_async(raw_key: str, *, host: str, client_ip: str,
         raise TenantSuspended(
             f"The workspace '{tenant.slug}' is suspended; contact your administrator or Parley support."
         )
-    retry_after = await auth_failures_retry_after(peeked[0] if peeked else None, identity=identity)
+    retry_after = await auth_failures_retry_after(resolved.extra[0] if resolved.extra else None, identity=identity)
     _user, context = await api_key_verify_async(
         raw_key, tenant=tenant, record=record, client_ip=client_ip, retry_after=retry_after
     )
-    return tenant, epoch, context
+    if None not in resolved.raws:  # (values the database gave are not the cache's yet)
+        _remember(
+            KnownKey(
+                hostname=hostname,
+                raws=resolved.raws,
+                epoch=resolved.epoch,
+                tenant=tenant,
+                record=record,
+                context=context,
+            )
+        )
+    return tenant, resolved.epoch, context
+
+
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    """An API key this process accepted, and what that rested on: the resolution cache's entries
+    (their values) and the configuration epoch. The edge verifies a later request's key against
+    it without Redis, then confirms in the round trip it makes anyway (the admission's) that none
+    of it changed — a revoked key, a suspended tenant, a changed policy all change one of them."""
+
+    hostname: str | None
+    raws: tuple[bytes, ...]
+    epoch: bytes
+    tenant: Tenant
+    record: ApiKeyRecord
+    context: AuthContext
+
+    @property
+    def cache_keys(self) -> list[str]:
+        return resolution_cache_keys(self.hostname, self.record.prefix)
+
+
+KNOWN_KEYS = 10_000  # per process; the oldest go first
+_known_keys: dict[tuple[str | None, str], KnownKey] = {}
+
+
+def _remember(known: KnownKey) -> None:
+    _known_keys.pop((known.hostname, known.record.prefix), None)
+    _known_keys[known.hostname, known.record.prefix] = known
+    while len(_known_keys) > KNOWN_KEYS:
+        del _known_keys[next(iter(_known_keys))]
+
+
+def api_key_known(raw_key: str, *, host: str) -> KnownKey | None:
+    """The key as this process last accepted it with this host, if the secret matches and it has
+    not expired since; None otherwise (the caller then authenticates in full, which also words
+    any refusal). The caller must confirm it: ``api_key_confirm_queue``, ``api_key_confirmed``."""
+    prefix = api_key_parse_prefix(raw_key)
+    known = _known_keys.get((tenant_hostname(host), prefix)) if prefix else None
+    if known is None or not hmac.compare_digest(known.record.secret_hash, api_key_hash(raw_key)):
+        return None
+    expires_at = known.record.expires_at
+    if expires_at is not None and expires_at <= timezone.now():
+        return None
+    return known
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedConfirmation:
+    first: int  # where the replies start among the pipeline's
+    has_peek: bool  # the brute-force limit's state was asked for (the limit may be switched off)
+
+
+def api_key_confirm_queue(pipe, known: KnownKey, *, client_ip: str) -> QueuedConfirmation:
+    """Queue on ``pipe`` what ``api_key_confirmed`` needs: the cache entries and the epoch, and the
+    brute-force limit's state for this client."""
+    from billing.ratelimit import auth_failures_peek_queue
+
+    first = len(pipe)
+    pipe.mget([*known.cache_keys, EPOCH_KEY])
+    auth_failures_peek_queue(pipe, f"{known.record.prefix}:{client_ip}")
+    return QueuedConfirmation(first=first, has_peek=len(pipe) > first + 1)
+
+
+async def api_key_confirmed(known: KnownKey, replies: list, queued: QueuedConfirmation) -> bool:
+    """Whether the replies show nothing changed since ``known`` was accepted, and this client is
+    not throttled for the key. If not, the key is forgotten here (the full check follows)."""
+    values = replies[queued.first]
+    peeked = replies[queued.first + 1] if queued.has_peek else None
+    is_same = (
+        isinstance(values, list)
+        and tuple(values[:-1]) == known.raws
+        and values[-1] == known.epoch
+        and not isinstance(peeked, Exception)
+        and (peeked is None or bool(int(peeked[0])))
+    )
+    if not is_same:
+        _known_keys.pop((known.hostname, known.record.prefix), None)
+        return False
+    await _touch_async(known.record)
+    return True
+
+
+async def _touch_async(record: ApiKeyRecord) -> None:
+    if time.monotonic() - _touched_here.get(record.id, -math.inf) >= LAST_USED_RESOLUTION.total_seconds():
+        from asgiref.sync import sync_to_async
+
+        await sync_to_async(_touch, thread_sensitive=False)(record, timezone.now())  # once a minute per key
 
 
 async def api_key_verify_async(
@@ -155,7 +263,6 @@ async def api_key_verify_async(
 ):
     """``api_key_verify`` for the async edge, the brute-force limit's state already read
     (``retry_after``: ``auth_failures_exceeded``'s answer)."""
-    from asgiref.sync import sync_to_async
 
     from billing.ratelimit import auth_failure_register_async
 
@@ -168,8 +275,7 @@ async def api_key_verify_async(
         await auth_failure_register_async(identity=identity)
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
     result = _accepted(record, tenant)
-    if time.monotonic() - _touched_here.get(record.id, -math.inf) >= LAST_USED_RESOLUTION.total_seconds():
-        await sync_to_async(_touch, thread_sensitive=False)(record, timezone.now())  # once a minute per key
+    await _touch_async(record)
     return result
 
 

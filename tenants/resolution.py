@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
@@ -160,27 +161,41 @@ def tenant_and_key_resolve(hostname: str | None, prefix: str | None) -> tuple[Te
     return (tenant_from_dict(host_data) if host_data else None), _record_from(found.get("key"))
 
 
-async def tenant_and_key_resolve_async(
-    hostname: str | None, prefix: str | None, redis, *, also=None
-) -> tuple[Tenant | None, ApiKeyRecord | None, bytes, list]:
+def resolution_cache_keys(hostname: str | None, prefix: str | None) -> list[str]:
+    """The resolution cache's entries that a request with this host and key prefix reads."""
+    return [_cache_key(kind, value) for kind, value in (("host", hostname), ("key", prefix)) if value]
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeResolution:
+    tenant: Tenant | None
+    record: ApiKeyRecord | None
+    epoch: bytes
+    extra: list  # the replies of what ``also`` queued
+    # The cache entries read (None where the database answered): what the result came from.
+    raws: tuple[bytes | None, ...]
+
+
+async def tenant_and_key_resolve_async(hostname: str | None, prefix: str | None, redis, *, also=None) -> EdgeResolution:
     """``tenant_and_key_resolve`` for the async edge, with the configuration epoch
     (tenants.config_epoch) read in the same round trip — and whatever ``also(pipe)`` queues
     (its replies are returned last); the database (in a thread) on misses."""
     names = [(kind, value) for kind, value in (("host", hostname), ("key", prefix)) if value]
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.mget([*(_cache_key(kind, value) for kind, value in names), EPOCH_KEY])
+        pipe.mget([*resolution_cache_keys(hostname, prefix), EPOCH_KEY])
         if also is not None:
             also(pipe)
         (*raws, epoch), *extra = await pipe.execute(raise_on_error=False)
     epoch = await epoch_async(redis, epoch, fetched=True)
     if any(raw is None for raw in raws):  # not cached yet: the loaders, once
         tenant, record = await sync_to_async(tenant_and_key_resolve, thread_sensitive=True)(hostname, prefix)
-        return tenant, record, epoch, extra
+        return EdgeResolution(tenant, record, epoch, extra, raws=(None,) * len(raws))
     found = {
-        kind: (None if raw == _MISSING else json.loads(raw)) for (kind, _value), raw in zip(names, raws, strict=True)
+        kind: (None if raw == _MISSING else orjson.loads(raw)) for (kind, _value), raw in zip(names, raws, strict=True)
     }
     host_data = found.get("host")
-    return (tenant_from_dict(host_data) if host_data else None), _record_from(found.get("key")), epoch, extra
+    tenant = tenant_from_dict(host_data) if host_data else None
+    return EdgeResolution(tenant, _record_from(found.get("key")), epoch, extra, raws=tuple(raws))
 
 
 def _record_from(data: dict[str, Any] | None) -> ApiKeyRecord | None:

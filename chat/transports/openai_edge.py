@@ -21,15 +21,18 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chat import turns
-from chat.gateway import Caller
+from chat import gateway, turns
+from chat.gateway import Admission, Caller
 from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
 from chat.snapshots import bot_snapshot_get
@@ -46,7 +49,12 @@ from chat.transports.openai_api import (
     generation_overrides,
 )
 from chat.transports.sse import SSE_HEADERS
-from tenants.authentication import api_key_authenticate_async
+from tenants.authentication import (
+    api_key_authenticate_async,
+    api_key_confirm_queue,
+    api_key_confirmed,
+    api_key_known,
+)
 from tenants.errors import (
     NotFound,
     ParleyError,
@@ -162,51 +170,28 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
     started = time.perf_counter()
     body = await _read_body(receive, headers)
     redis = get_loop_redis()
-    client = scope.get("client") or ("", 0)
-    tenant, epoch, context = await api_key_authenticate_async(
-        raw_key, host=headers.get("host", ""), client_ip=client[0] or "", redis=redis
+    client_ip = (scope.get("client") or ("", 0))[0] or ""
+    host = headers.get("host", "")
+    admitted = await _admit_known(raw_key, host, client_ip, body, redis) or await _admit(
+        raw_key, host, client_ip, body, redis
     )
-    structlog.contextvars.bind_contextvars(tenant=tenant.slug)
-    if "chat" not in context.scopes and "admin" not in context.scopes:
-        raise PermissionDeniedError(
-            "This credential lacks the 'chat' scope needed for this operation.", code="insufficient_scope"
-        )
-    data = await _validated(body)
-    bot = await bot_snapshot_get(schema_name=tenant.schema_name, epoch=epoch, public_id=data["model"])
-    if bot is None:
-        raise NotFound(
-            f"The model {data['model']!r} does not exist: use a bot id from /v1/models.",
-            param="model",
-            code="model_not_found",
-        )
-    overrides = generation_overrides(data)
-    external_user = data.get("user")
-    end_user_id = f"key:{context.api_key_id}" + (f":{external_user}" if external_user else "")
-    end_user = EndUser(kind="api", id=end_user_id, sees_all="admin" in context.scopes)
-    caller = Caller(
-        tenant=tenant,
-        bot_id=bot.pk,
-        bot_public_id=bot.public_id,
-        bot_rate_limits=bot.rate_limits,
-        api_key_id=context.api_key_id,
-        end_user=end_user_id,
-        is_end_user_limited=bool(external_user),
-    )
+    data, bot = admitted.data, admitted.bot
+    structlog.contextvars.bind_contextvars(tenant=admitted.tenant.slug)
     # The turn's stream is followed through this process's inbox: registered before its job is
     # queued, it costs no channel subscription (chat.transports.hub).
     hub = get_hub()
     inbox = await hub.inbox_channel()
     generation_id = str(uuid.uuid4())
-    subscription = hub.register(generation_stream_key(tenant.schema_name, generation_id))
+    subscription = hub.register(generation_stream_key(admitted.tenant.schema_name, generation_id))
     try:
         turn = await turns.turn_start_from_messages_async(
             bot=bot,
-            end_user=end_user,
+            end_user=admitted.end_user,
             messages=data["messages"],
-            overrides=overrides,
+            overrides=admitted.overrides,
             is_streamed=data["stream"],
-            caller=caller,
-            epoch=epoch,
+            admission=admitted.admission,
+            epoch=admitted.epoch,
             redis=redis,
             generation_id=generation_id,
             inbox=inbox,
@@ -226,6 +211,95 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
         return await _answer(send, subscription, completion_id, created, bot, response_headers, started)
     finally:
         await hub.unsubscribe(subscription)
+
+
+@dataclass(slots=True)
+class _Request:
+    """A request the edge has authenticated and read, up to its admission by the gateway."""
+
+    tenant: Any
+    epoch: bytes
+    data: dict
+    bot: Any  # chat.snapshots.BotSnapshot
+    overrides: dict
+    end_user: EndUser
+    caller: Caller
+    admission: Admission | None = None
+
+    def estimate(self) -> dict:
+        return turns.admission_estimate(bot=self.bot, messages=self.data["messages"], overrides=self.overrides)
+
+
+async def _admit(raw_key: str, host: str, client_ip: str, body: bytes, redis) -> _Request:
+    """Authenticate (one round trip), read the request, then the gateway (another)."""
+    tenant, epoch, context = await api_key_authenticate_async(raw_key, host=host, client_ip=client_ip, redis=redis)
+    request = await _read_request(tenant, epoch, context, body)
+    request.admission = await gateway.admit_async(caller=request.caller, epoch=epoch, **request.estimate())
+    return request
+
+
+async def _admit_known(raw_key: str, host: str, client_ip: str, body: bytes, redis) -> _Request | None:
+    """``_admit`` in one round trip for a key this process accepted before: checked here against
+    what it knows (tenants.authentication.api_key_known), confirmed unchanged in the admission's
+    round trip. None — after giving back what the admission took — when anything differs, or the
+    request has a fault whose error the full path words: the caller then takes that path."""
+    known = api_key_known(raw_key, host=host)
+    if known is None:
+        return None
+    try:
+        request = await _read_request(known.tenant, known.epoch, known.context, body)
+    except ParleyError:
+        return None
+    queued = await gateway.admission_prepare(caller=request.caller, epoch=request.epoch, **request.estimate())
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            confirmation = api_key_confirm_queue(pipe, known, client_ip=client_ip)
+            queued.queue(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+    except (RedisConnectionError, RedisTimeoutError):
+        return None  # the full path has the rules for Redis being away
+    if not await api_key_confirmed(known, replies, confirmation):
+        await queued.undo(replies)
+        return None
+    request.admission = await queued.finish(replies)
+    return request
+
+
+async def _read_request(tenant, epoch: bytes, context, body: bytes) -> _Request:
+    """The authenticated caller's request: scope, body, bot (per epoch), who asks."""
+    if "chat" not in context.scopes and "admin" not in context.scopes:
+        raise PermissionDeniedError(
+            "This credential lacks the 'chat' scope needed for this operation.", code="insufficient_scope"
+        )
+    data = await _validated(body)
+    bot = await bot_snapshot_get(schema_name=tenant.schema_name, epoch=epoch, public_id=data["model"])
+    if bot is None:
+        raise NotFound(
+            f"The model {data['model']!r} does not exist: use a bot id from /v1/models.",
+            param="model",
+            code="model_not_found",
+        )
+    turns.validate_content(data["messages"][-1]["content"])
+    external_user = data.get("user")
+    end_user_id = f"key:{context.api_key_id}" + (f":{external_user}" if external_user else "")
+    caller = Caller(
+        tenant=tenant,
+        bot_id=bot.pk,
+        bot_public_id=bot.public_id,
+        bot_rate_limits=bot.rate_limits,
+        api_key_id=context.api_key_id,
+        end_user=end_user_id,
+        is_end_user_limited=bool(external_user),
+    )
+    return _Request(
+        tenant=tenant,
+        epoch=epoch,
+        data=data,
+        bot=bot,
+        overrides=generation_overrides(data),
+        end_user=EndUser(kind="api", id=end_user_id, sees_all="admin" in context.scopes),
+        caller=caller,
+    )
 
 
 async def _stream(send, subscription, data, completion_id, created, model, headers, started) -> None:

@@ -203,3 +203,39 @@ def test_async_admission_keeps_refusing_over_the_limit_when_its_pipeline_cannot_
     monkeypatch.setattr(Pipeline, "execute", unreachable)
     with pytest.raises(RateLimited):
         _admit_async(caller)
+
+
+def test_an_admission_undone_gives_back_its_request_its_tokens_and_its_reservation(tenant_pair, bot):
+    """The edge undoes an admission whose API key turned out changed. With room for two requests
+    (and two estimates of 110 tokens) a minute, a third admission passes only if the undone one
+    gave everything back."""
+    from asgiref.sync import async_to_sync
+
+    from chat.gateway import admission_prepare
+    from tenants.config_epoch import epoch_sync
+    from tenants.redis import get_loop_redis
+
+    api_key, _raw = make_api_key(tenant_pair.a)
+    ApiKeyBudget.objects.create(
+        api_key=api_key, requests_per_minute=2, tokens_per_minute=250, monthly_token_budget=50_000
+    )
+    caller = _key_caller(tenant_pair.a, bot, api_key)
+    first = _admit_async(caller)  # also loads the scripts and the month's budget counters
+    estimate = first.ticket["estimate"]
+
+    async def admit_then_undo():
+        queued = await admission_prepare(caller=caller, prompt_chars=40, max_tokens=100, epoch=epoch_sync())
+        async with get_loop_redis().pipeline(transaction=False) as pipe:
+            pipe.ping()  # the edge's own commands come first: the admission's replies follow them
+            queued.queue(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        assert replies[1][0] == 1  # admitted…
+        assert _key_budget_used(tenant_pair.a, api_key) == 2 * estimate
+        await queued.undo(replies)  # …and given back
+
+    async_to_sync(admit_then_undo)()
+    assert _key_budget_used(tenant_pair.a, api_key) == estimate
+
+    admission = _admit_async(caller)  # RateLimited here if the request or its tokens were kept
+    assert admission.headers["x-ratelimit-remaining-requests"] == "0"
+    assert _key_budget_used(tenant_pair.a, api_key) == 2 * estimate

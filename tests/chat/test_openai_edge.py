@@ -413,3 +413,99 @@ async def test_edge_turn_carries_its_history_and_the_worker_applies_the_window(
 
     assert response.status_code == 200, response.text
     assert [message["content"] for message in seen[0][1:]] == ["question 2", "answer 2", "and now?"]
+
+
+def _key_of(live) -> ApiKey:
+    from tenants.services import api_key_parse_prefix
+
+    return ApiKey.objects.get(prefix=api_key_parse_prefix(live["raw"]))
+
+
+def _full_authentications(monkeypatch) -> list:
+    """Every full authentication (the resolution's own round trip) from now on."""
+    from tenants import authentication
+
+    calls = []
+    real = authentication.tenant_and_key_resolve_async
+
+    async def counted(*args, **kwargs):
+        calls.append(args[1])
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(authentication, "tenant_and_key_resolve_async", counted)
+    return calls
+
+
+async def test_a_key_the_edge_accepted_before_is_confirmed_in_the_admissions_round_trip(
+    worker, live, django_db_blocker, monkeypatch
+):
+    full = _full_authentications(monkeypatch)
+    with django_db_blocker.unblock():
+        responses = [await _post(live, _request(live, stream=index == 2)) for index in range(4)]
+
+    assert [response.status_code for response in responses] == [200] * 4
+    assert "original card" in responses[3].json()["choices"][0]["message"]["content"]
+    # The first request filled the resolution cache from PostgreSQL, the second read it (and the
+    # key was remembered with what it read); the others were confirmed in one round trip.
+    assert len(full) == 2
+    remaining = [int(response.headers["x-ratelimit-remaining-requests"]) for response in (responses[0], responses[3])]
+    assert remaining[0] - remaining[1] == 3  # each request counted once
+
+
+def _confirmations(monkeypatch) -> list:
+    """Every confirmation of a known key by the edge from now on: True when it held."""
+    from chat.transports import openai_edge
+
+    results = []
+    real = openai_edge.api_key_confirmed
+
+    async def recorded(*args, **kwargs):
+        results.append(await real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(openai_edge, "api_key_confirmed", recorded)
+    return results
+
+
+async def test_a_known_key_revoked_or_its_tenant_suspended_is_refused_at_once(
+    worker, live, tenant_pair, django_db_blocker, monkeypatch
+):
+    """What the edge remembers of a key is confirmed on every request: a revocation (or a
+    suspension) made elsewhere applies to the next request here."""
+    from asgiref.sync import sync_to_async
+
+    from tenants.services import api_key_revoke, tenant_activate, tenant_suspend
+
+    confirmations = _confirmations(monkeypatch)
+    with django_db_blocker.unblock():
+        before = [(await _post(live, _request(live))).status_code for _ in range(3)]
+        await sync_to_async(lambda: tenant_suspend(tenant=tenant_pair.a))()
+        try:
+            suspended = await _post(live, _request(live))
+        finally:
+            await sync_to_async(lambda: tenant_activate(tenant=tenant_pair.a))()
+        again = [(await _post(live, _request(live))).status_code for _ in range(3)]
+        await sync_to_async(lambda: api_key_revoke(api_key=_key_of(live)))()
+        revoked = await _post(live, _request(live))
+
+    assert before == again == [200, 200, 200]
+    assert suspended.status_code == 403
+    assert (revoked.status_code, revoked.json()["error"]["code"]) == (401, "api_key_revoked")
+    # Known on the second request (the first filled the resolution cache), confirmed on the
+    # third; not confirmed after the suspension; so again after it; not after the revocation.
+    assert confirmations == [True, False, True, False]
+
+
+async def test_a_known_key_is_refused_once_its_address_is_throttled(worker, live, django_db_blocker, monkeypatch):
+    wrong = live["raw"][:-4] + ("abcd" if not live["raw"].endswith("abcd") else "wxyz")
+    confirmations = _confirmations(monkeypatch)
+    with django_db_blocker.unblock(), override_settings(PARLEY_AUTH_FAILURE_LIMIT=2):
+        known = [(await _post(live, _request(live), client_ip="10.0.0.7")).status_code for _ in range(2)]
+        guesses = [(await _post(live, _request(live), raw=wrong, client_ip="10.0.0.7")).status_code for _ in range(2)]
+        throttled = await _post(live, _request(live), client_ip="10.0.0.7")
+        elsewhere = await _post(live, _request(live), client_ip="10.0.0.8")
+
+    assert (known, guesses) == ([200, 200], [401, 401])
+    assert (throttled.status_code, throttled.json()["error"]["code"]) == (429, "too_many_auth_failures")
+    assert elsewhere.status_code == 200
+    assert confirmations[0] is False  # the key was known: its confirmation saw the address throttled
