@@ -710,7 +710,8 @@ def _setup_text(results: dict) -> str:
     return (
         f"Mock at zero delay, {setup['answer_tokens']}-token answers, {setup['mock_processes']} processes. "
         f"Parley: {setup['web_processes']} web processes per ASGI server + {setup['generator_processes']} "
-        f"generation worker processes, production settings; LiteLLM: {setup['litellm_workers']} workers. "
+        f"generation worker process{'es' if setup['generator_processes'] != 1 else ''}, production settings; "
+        f"LiteLLM: {setup['litellm_workers']} workers. "
         f"Load: {setup['driver']}, closed loop, 2 threads; per scenario a ramp (twice the latency expected, "
         f"{setup['ramp_seconds'][0]:g}-{setup['ramp_seconds'][1]:g} s), then {setup['measured_seconds']} s measured: "
         f"req/s and CPU over the measured window, latency over the whole run; every body checked (200, the "
