@@ -91,3 +91,33 @@ async def test_async_sockets_carry_keepalive_and_a_user_timeout_instead_of_a_rea
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == REDIS_SOCKET_TIMEOUT * 1000
     finally:
         await client.aclose()
+
+
+async def test_async_connections_pack_commands_in_c_exactly_as_redis_py_does():
+    """The loop's client packs with hiredis; the bytes are redis-py's own asyncio packing's, for
+    the arguments our scripts and streams send (a multi-word command, text, bytes, numbers, a
+    script longer than redis-py's buffer cutoff), and the commands work against Redis."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    client = get_async_redis()
+    packed_in_c = client.connection_pool.make_connection()
+    packed_in_python = Connection()
+    script = "return {KEYS[1], ARGV[1]} -- " + "x" * 7_000
+    for args in (
+        ("SET", "t:acme:é", "ünïcode", "EX", 30),
+        ("CONFIG GET", "maxmemory"),
+        (b"XADD", b"stream", b"*", "data", b'{"text":"\\u00e9"}', 1.5, -3),
+        ("EVAL", script, 1, "key", "value"),
+    ):
+        assert b"".join(packed_in_c.pack_command(*args)) == b"".join(packed_in_python.pack_command(*args)), args
+    assert type(packed_in_c).__mro__[1].__name__ == "_PackedByHiredis"
+    with pytest.raises(DataError):
+        packed_in_c.pack_command("SET", "key", None)
+    try:
+        assert await client.eval(script, 1, "t:test:packed", "é") == [b"t:test:packed", "é".encode()]
+        await client.set("t:test:packed", "ünïcode", ex=30)
+        assert (await client.get("t:test:packed")).decode() == "ünïcode"
+    finally:
+        await client.delete("t:test:packed")
+        await client.aclose()
