@@ -45,7 +45,7 @@ from django.db.models import F, OuterRef, Subquery, Sum
 from billing.models import ApiKeyBudget, BudgetAlert, Plan, TenantBilling, UsageDaily, UsageRecord
 from tenants.config_epoch import EpochCache
 from tenants.errors import ParleyError
-from tenants.redis import get_loop_redis, get_redis, tenant_key
+from tenants.redis import get_loop_redis, get_redis, script_queue, tenant_key
 
 logger = structlog.get_logger(__name__)
 
@@ -735,13 +735,13 @@ async def budget_settle_async(*, reservation: Reservation, actual_tokens: int) -
 
 
 def budget_settle_queue(pipe, *, reservation: Reservation, actual_tokens: int) -> bool:
-    """``budget_settle`` queued on ``pipe`` (an asyncio pipeline without a transaction), to run in
-    one round trip with a turn's other end-of-turn writes. True when a command was queued: its
-    reply then goes to :func:`budget_settle_finish`."""
+    """``budget_settle`` queued on ``pipe`` (an asyncio pipeline without a transaction, run by
+    ``tenants.redis.execute_with_scripts``), in one round trip with a turn's other end-of-turn
+    writes. True when a command was queued: its reply then goes to :func:`budget_settle_finish`."""
     if not reservation.levels:
         return False
     keys, args = _settle_call(reservation, actual_tokens)
-    pipe.eval(_SETTLE.source, len(keys), *keys, *args)
+    script_queue(pipe, _SETTLE.source, len(keys), *keys, *args)
     return True
 
 

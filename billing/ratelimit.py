@@ -47,7 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.logging import get_logger
 from tenants.errors import ParleyError
-from tenants.redis import get_loop_redis, get_redis, tenant_key
+from tenants.redis import get_loop_redis, get_redis, script_queue, tenant_key
 
 logger = get_logger(__name__)
 
@@ -391,10 +391,11 @@ async def tokens_charge_async(
 
 
 def tokens_charge_queue(pipe, *, schema_name: str, limits: Sequence[Limit], tokens: int, reserved: int = 0) -> None:
-    """``tokens_charge`` queued on ``pipe`` (one round trip with a turn's other end-of-turn writes)."""
+    """``tokens_charge`` queued on ``pipe`` (one round trip with a turn's other end-of-turn writes;
+    run by ``tenants.redis.execute_with_scripts``)."""
     call = _charge_call(schema_name=schema_name, limits=limits, tokens=tokens - reserved, now_ms=None)
     if call.keys and tokens != reserved:
-        pipe.eval(GCRA_SCRIPT, len(call.keys), *call.keys, *call.args)
+        script_queue(pipe, GCRA_SCRIPT, len(call.keys), *call.keys, *call.args)
 
 
 def _duration(seconds: float) -> str:

@@ -31,6 +31,7 @@ from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generat
 from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
 from tenants.config_epoch import epoch_async
+from tenants.redis import execute_with_scripts
 
 logger = structlog.get_logger(__name__)
 
@@ -463,14 +464,14 @@ async def _finish(
     try:
         async with redis.pipeline(transaction=False) as pipe:
             persistence.queue_on(
-                pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record]
+                pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record], by_sha=True
             )
             if job.gateway is not None:
                 settlement_queued = gateway.settle_queue(pipe, job.gateway, **settlement(job, outcome))
             closing = await publisher.close_on(pipe, *terminal)
             if on_finish is not None:
                 on_finish(pipe)
-            results = await pipe.execute(raise_on_error=False)
+            results = await execute_with_scripts(pipe, redis)
     except persistence.REDIS_UNAVAILABLE:
         logger.warning("turn_end_pipeline_failed", generation_id=job.generation_id, exc_info=True)
         outcome.message_id = await save_answer(job, outcome, redis)

@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
-from tenants.redis import tenant_key
+from tenants.redis import execute_with_scripts, script_queue, tenant_key
 
 logger = structlog.get_logger(__name__)
 
@@ -225,7 +225,9 @@ class CoalescingPublisher:
     async def _write(self, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             self._queue(pipe, batch, is_terminal=is_terminal)
-            await pipe.execute()
+            for reply in await execute_with_scripts(pipe, self.redis):
+                if isinstance(reply, Exception):
+                    raise reply
 
     def _queue(self, pipe, batch: list[tuple[str, dict[str, Any]]], *, is_terminal: bool) -> None:
         sets_ttl = is_terminal or self.writes == 0
@@ -235,7 +237,7 @@ class CoalescingPublisher:
             arguments = [STREAM_MAX_EVENTS, ttl, notify_channel(self.key), self.inbox]
             for event_type, data in batch:
                 arguments += [event_type, orjson.dumps(data)]
-            pipe.eval(_WRITE_AND_NOTIFY, 1, self.key, *arguments)
+            script_queue(pipe, _WRITE_AND_NOTIFY, 1, self.key, *arguments)
             return
         for event_type, data in batch:
             pipe.xadd(

@@ -7,6 +7,7 @@ all of them with one SCAN pattern, and so that no code can build a key without n
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import weakref
 from functools import cache
@@ -174,3 +175,39 @@ def stream_batch_read(
         for _stream_name, new_entries in response or []:
             entries += new_entries
     return entries, trimmed
+
+
+# --- Lua scripts by their SHA1 in pipelines -----------------------------------------------------
+
+_SCRIPT_SOURCES: dict[str, str] = {}
+
+
+def script_queue(pipe, source: str, numkeys: int, *keys_and_args) -> None:
+    """Queue ``source`` on ``pipe`` by its SHA1 (EVALSHA), not its text: a turn's end sends four
+    scripts, ~10 KB of text that Redis would hash again each time. Execute the pipeline (one
+    without a transaction) with ``execute_with_scripts``, which copes with Redis not having it."""
+    sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+    _SCRIPT_SOURCES.setdefault(sha, source)
+    pipe.evalsha(sha, numkeys, *keys_and_args)
+
+
+async def execute_with_scripts(pipe, client: aioredis.Redis) -> list:
+    """``pipe.execute(raise_on_error=False)`` for a pipeline without a transaction, where every
+    ``script_queue`` command Redis answered NOSCRIPT (it restarted, or its scripts were flushed)
+    runs again by its text, its reply in its place: such a command did nothing, so each runs once.
+    They run after the pipeline's other commands."""
+    commands = [args for args, _options in pipe.command_stack]
+    replies = await pipe.execute(raise_on_error=False)
+    missing = [
+        index
+        for index, reply in enumerate(replies)
+        if isinstance(reply, redis.exceptions.NoScriptError) and commands[index][1] in _SCRIPT_SOURCES
+    ]
+    if missing:
+        async with client.pipeline(transaction=False) as again:
+            for index in missing:
+                _command, sha, *numkeys_keys_and_args = commands[index]
+                again.eval(_SCRIPT_SOURCES[sha], *numkeys_keys_and_args)
+            for index, reply in zip(missing, await again.execute(raise_on_error=False), strict=True):
+                replies[index] = reply
+    return replies

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from django.conf import settings
 
 from chat.memory import records as message_records
 from tenants.config_epoch import EPOCH_KEY
-from tenants.redis import get_redis, tenant_key
+from tenants.redis import get_redis, script_queue, tenant_key
 
 # Appends records; a new conversation's list is complete from its first message.
 _APPEND = """
@@ -90,11 +91,13 @@ def hot_append(
     records: Sequence[dict[str, Any]],
     is_new_conversation: bool = False,
     retention_days: int | None = None,
+    by_sha: bool = False,
 ) -> None:
     """Queue the append on ``pipe`` (a redis pipeline, sync or asyncio): one round trip with the
-    rest of the turn's Redis writes."""
+    rest of the turn's Redis writes. ``by_sha``: the script by its SHA1, for an asyncio pipeline
+    without a transaction run by ``tenants.redis.execute_with_scripts``."""
     recent, complete = _keys(schema_name, conversation_id)
-    pipe.eval(
+    (partial(script_queue, pipe) if by_sha else pipe.eval)(
         _APPEND,
         2,
         recent,

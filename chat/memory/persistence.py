@@ -60,12 +60,14 @@ def queue_on(
     is_new_conversation: bool = False,
     retention_days: int | None = None,
     conversation: dict[str, Any] | None = None,
+    by_sha: bool = False,
 ) -> None:
     """Queue the messages for the batch writer and append them to the hot store, on ``pipe``
     (sync or asyncio pipeline): the caller executes it with its other writes.
 
     ``conversation``: a new conversation's row (``conversation_record``), written by the batch
-    writer before its messages — it travels in the first message's entry, so it cannot be late."""
+    writer before its messages — it travels in the first message's entry, so it cannot be late.
+    ``by_sha``: the hot store's script by its SHA1 (``hot_store.hot_append``)."""
     for index, record in enumerate(records):
         fields = {"s": schema_name, "m": message_records.dumps(record)}
         if index == 0 and conversation is not None:
@@ -78,6 +80,7 @@ def queue_on(
         records=records,
         is_new_conversation=is_new_conversation,
         retention_days=retention_days,
+        by_sha=by_sha,
     )
 
 

@@ -509,3 +509,41 @@ async def test_a_known_key_is_refused_once_its_address_is_throttled(worker, live
     assert (throttled.status_code, throttled.json()["error"]["code"]) == (429, "too_many_auth_failures")
     assert elsewhere.status_code == 200
     assert confirmations[0] is False  # the key was known: its confirmation saw the address throttled
+
+
+async def test_turns_end_whole_after_redis_lost_its_scripts(worker, live, django_db_blocker):
+    """The worker's scripts go to Redis by their SHA1; after a restart or SCRIPT FLUSH each one
+    Redis lacks runs again by its text, once: the answer reaches the hot store, the budget is
+    settled to the real usage, and the stream ends (non-streamed: one write at the end; streamed:
+    the first token's write too)."""
+    from billing.budgets import budget_used
+    from chat.memory import hot_store
+    from chat.streams import generation_owner_key
+    from tenants.redis import get_loop_redis, get_redis
+
+    schema = live["tenant"].schema_name
+
+    def tenant_used() -> int:
+        return budget_used(tenant_schema=schema, level="tenant", identity=schema) or 0
+
+    with django_db_blocker.unblock():
+        assert (await _post(live, _request(live))).status_code == 200  # every script loaded
+        used_before = tenant_used()
+        get_redis().script_flush()
+        answered = await asyncio.wait_for(_post(live, _request(live)), 15)
+        used_after = tenant_used()
+        get_redis().script_flush()
+        streamed = await asyncio.wait_for(_post(live, _request(live, stream=True)), 15)
+
+    assert answered.status_code == 200
+    answer = answered.json()["choices"][0]["message"]["content"]
+    assert "original card" in answer
+    assert used_after - used_before == answered.json()["usage"]["total_tokens"]  # settled once, not the estimate
+    owner = json.loads(get_redis().get(generation_owner_key(schema, answered.headers["x-parley-generation-id"])))
+    records, _epoch = await hot_store.hot_recent_if_complete(
+        schema_name=schema, conversation_id=owner["conversation_id"], limit=10, client=get_loop_redis()
+    )
+    assert [(record["role"], record["content"]) for record in records][-1] == ("assistant", answer)
+    assert streamed.status_code == 200
+    assert "original card" in streamed.text
+    assert streamed.text.rstrip().endswith("data: [DONE]")

@@ -121,3 +121,35 @@ async def test_async_connections_pack_commands_in_c_exactly_as_redis_py_does():
     finally:
         await client.delete("t:test:packed")
         await client.aclose()
+
+
+async def test_scripts_queued_by_sha_run_once_even_after_redis_lost_them():
+    """``script_queue`` sends a script's SHA1; ``execute_with_scripts`` runs each one Redis
+    answered NOSCRIPT again by its text, once, its reply in its place. An EVALSHA of a script it
+    was never given stays an error."""
+    from redis.exceptions import NoScriptError
+
+    from tenants.redis import execute_with_scripts, script_queue
+
+    client = get_async_redis()
+    counter = "t:test:scripts:counter"
+    increment = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+    try:
+        await client.delete(counter)
+        await client.script_flush()
+        async with client.pipeline(transaction=False) as pipe:
+            script_queue(pipe, increment, 1, counter, 1)
+            pipe.set("t:test:scripts:other", "x")
+            script_queue(pipe, increment, 1, counter, 10)
+            pipe.evalsha("0" * 40, 0)
+            replies = await execute_with_scripts(pipe, client)
+        assert replies[:3] == [1, True, 11]
+        assert isinstance(replies[3], NoScriptError)
+        assert int(await client.get(counter)) == 11  # each ran once
+
+        async with client.pipeline(transaction=False) as pipe:  # loaded now: by SHA1 alone
+            script_queue(pipe, increment, 1, counter, 100)
+            assert await execute_with_scripts(pipe, client) == [111]
+    finally:
+        await client.delete(counter, "t:test:scripts:other")
+        await client.aclose()
