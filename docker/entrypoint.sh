@@ -2,6 +2,8 @@
 # Parley container entrypoint: one image, one role per container.
 #
 #   web      the ASGI server (HTTP, SSE, WebSocket); PARLEY_WEB_SERVER picks which one
+#   generator a generation worker: runs chat turns from the Redis job stream (manage.py
+#            run_generators; extra arguments go to it, e.g. --concurrency 256 --metrics-port 9101)
 #   worker   a Celery worker            (extra arguments go to `celery worker`)
 #   beat     the Celery beat scheduler  (run exactly one)
 #   migrate  manage.py migrate_all      (public schema, tenant template, every tenant)
@@ -55,6 +57,9 @@ web() {
 case "$role" in
     web)
         web "$@"
+        ;;
+    generator)
+        exec python manage.py run_generators "$@"
         ;;
     worker)
         exec celery -A config worker --loglevel "${CELERY_LOG_LEVEL:-INFO}" "$@"
