@@ -29,7 +29,6 @@ hand out a fresh budget, and two replicas initialising at once keep the first va
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,7 +44,7 @@ from django.db.models import F, OuterRef, Subquery, Sum
 from billing.models import ApiKeyBudget, BudgetAlert, Plan, TenantBilling, UsageDaily, UsageRecord
 from tenants.config_epoch import EpochCache
 from tenants.errors import ParleyError
-from tenants.redis import get_loop_redis, get_redis, script_queue, tenant_key
+from tenants.redis import get_loop_redis, get_redis, script_queue, script_sha, tenant_key
 
 logger = structlog.get_logger(__name__)
 
@@ -282,7 +281,7 @@ class _Script:
 
     @property
     def sha(self) -> str:
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        return script_sha(self.source)
 
 
 _ALERTS_LUA = """

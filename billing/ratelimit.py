@@ -29,7 +29,6 @@ than its bookkeeping, and every limit catches up once Redis is back.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.logging import get_logger
 from tenants.errors import ParleyError
-from tenants.redis import get_loop_redis, get_redis, script_queue, tenant_key
+from tenants.redis import get_loop_redis, get_redis, script_queue, script_sha, tenant_key
 
 logger = get_logger(__name__)
 
@@ -491,7 +490,7 @@ async def auth_failures_retry_after(reply, *, identity: str) -> float | None:
 
 @cache
 def _script_sha() -> str:
-    return hashlib.sha1(GCRA_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+    return script_sha(GCRA_SCRIPT)
 
 
 async def auth_failures_exceeded_async(*, identity: str) -> float | None:

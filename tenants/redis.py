@@ -182,13 +182,20 @@ def stream_batch_read(
 _SCRIPT_SOURCES: dict[str, str] = {}
 
 
+@cache
+def script_sha(source: str) -> str:
+    """The SHA1 Redis names a Lua script by: hashed once per script and process (the hot paths
+    queue their scripts by it on every request), and remembered for ``execute_with_scripts``."""
+    sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+    _SCRIPT_SOURCES[sha] = source
+    return sha
+
+
 def script_queue(pipe, source: str, numkeys: int, *keys_and_args) -> None:
     """Queue ``source`` on ``pipe`` by its SHA1 (EVALSHA), not its text: a turn's end sends four
     scripts, ~10 KB of text that Redis would hash again each time. Execute the pipeline (one
     without a transaction) with ``execute_with_scripts``, which copes with Redis not having it."""
-    sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
-    _SCRIPT_SOURCES.setdefault(sha, source)
-    pipe.evalsha(sha, numkeys, *keys_and_args)
+    pipe.evalsha(script_sha(source), numkeys, *keys_and_args)
 
 
 async def execute_with_scripts(pipe, client: aioredis.Redis) -> list:
