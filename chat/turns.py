@@ -205,10 +205,11 @@ async def turn_start_from_messages_async(
     inbox: str | None = None,
 ) -> AsyncStartedTurn:
     """``turn_start_from_messages`` for the async edge (chat.transports.openai_edge): the same turn
-    without SQL or threads, once the gateway has admitted it (``admission_estimate``'s figures).
-    The conversation's row goes to the batch writer with its messages (chat.memory.persistence).
-    ``inbox``: the channel the worker notifies besides the stream's own (chat.transports.hub)."""
-    validate_content(messages[-1]["content"])
+    without SQL or threads, once the gateway has admitted it (``admission_estimate``'s figures) —
+    so the new message was checked (``validate_content``) before, by the caller: a refused turn
+    must not have counted against the limits. The conversation's row goes to the batch writer
+    with its messages (chat.memory.persistence). ``inbox``: the channel the worker notifies
+    besides the stream's own (chat.transports.hub)."""
     schema_name = bot.schema_name
     generation_id = generation_id or str(uuid.uuid4())
     conversation_id = str(uuid.uuid4())

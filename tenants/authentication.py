@@ -232,17 +232,18 @@ def api_key_confirm_queue(pipe, known: KnownKey, *, client_ip: str) -> QueuedCon
     return QueuedConfirmation(first=first, has_peek=len(pipe) > first + 1)
 
 
-async def api_key_confirmed(known: KnownKey, replies: list, queued: QueuedConfirmation) -> bool:
+async def api_key_confirmed(known: KnownKey, replies: list, queued: QueuedConfirmation, *, client_ip: str) -> bool:
     """Whether the replies show nothing changed since ``known`` was accepted, and this client is
     not throttled for the key. If not, the key is forgotten here (the full check follows)."""
+    from billing.ratelimit import auth_failures_retry_after
+
     values = replies[queued.first]
     peeked = replies[queued.first + 1] if queued.has_peek else None
     is_same = (
         isinstance(values, list)
         and tuple(values[:-1]) == known.raws
         and values[-1] == known.epoch
-        and not isinstance(peeked, Exception)
-        and (peeked is None or bool(int(peeked[0])))
+        and await auth_failures_retry_after(peeked, identity=f"{known.record.prefix}:{client_ip}") is None
     )
     if not is_same:
         _known_keys.pop((known.hostname, known.record.prefix), None)

@@ -258,7 +258,7 @@ async def _admit_known(raw_key: str, host: str, client_ip: str, body: bytes, red
             replies = await pipe.execute(raise_on_error=False)
     except (RedisConnectionError, RedisTimeoutError):
         return None  # the full path has the rules for Redis being away
-    if not await api_key_confirmed(known, replies, confirmation):
+    if not await api_key_confirmed(known, replies, confirmation, client_ip=client_ip):
         await queued.undo(replies)
         return None
     request.admission = await queued.finish(replies)
