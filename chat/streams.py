@@ -53,7 +53,7 @@ def notify_channel(stream_key: str) -> str:
 
 # One write of a publisher whose turn names an inbox: the events, and a notification on the inbox
 # that carries them — the stream's key, the id of the entry before them, then each event's id,
-# type and data, one per line (the data is JSON with ASCII escapes: it has no raw newline). The
+# type and data, one per line (the data is JSON, whose strings escape newlines: it has none). The
 # web process that follows the turn takes them from the notification when it has everything up to
 # that previous entry, without reading the stream (chat.transports.hub.StreamHub.deliver).
 # ARGV: MAXLEN, the TTL to set ('' for none), the stream's own channel, the inbox, then type and

@@ -88,7 +88,7 @@ def message_of(record: dict[str, Any]) -> Message:
     )
 
 
-def dumps(record: dict[str, Any]) -> str:
+def dumps(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record)
 
 
