@@ -70,12 +70,15 @@ _SCOPE_NAMES = {
 # "<µs>" or "<µs>:<remainder>", the remainder being in 1/count of a microsecond.
 #
 # ARGV[1]: 'check' (admit all or consume none), 'charge' (consume, never refuse; a negative cost
-#          refunds), 'peek' (check, consume nothing).
+#          refunds), 'peek' (check, consume nothing), 'mark' ('check', the last key not a limit
+#          but a marker, set for a minute when the request is admitted: chat.gateway's gate).
 # ARGV[2]: now in µs, or '' for the server's clock (tests pass their own).
 # ARGV[3..]: per key, four values: count, period_us (count units per period), burst, cost.
 # Returns {admitted, index of the first refusing key or 0, retry_us, then per key: remaining, reset_us}.
 GCRA_SCRIPT = """
 local mode = ARGV[1]
+local limits = #KEYS
+if mode == 'mark' then limits = limits - 1 end
 local now
 if ARGV[2] == '' then
   local time = redis.call('TIME')
@@ -87,7 +90,8 @@ end
 local debts = {}  -- key -> scaled debt decided by this call (a key may be named twice)
 local admitted, first_refused, retry = 1, 0, 0
 local results = {}
-for i, key in ipairs(KEYS) do
+for i = 1, limits do
+  local key = KEYS[i]
   local base = 3 + (i - 1) * 4
   local count, period = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
   local burst, cost = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
@@ -122,9 +126,9 @@ for i, key in ipairs(KEYS) do
   results[i] = {debt, after, count, period, capacity}
 end
 
-local consumed = mode == 'charge' or (mode == 'check' and admitted == 1)
+local consumed = mode == 'charge' or ((mode == 'check' or mode == 'mark') and admitted == 1)
 local reply = {admitted, first_refused, retry}
-for i, key in ipairs(KEYS) do
+for i = 1, limits do
   local debt, after, count, period, capacity = unpack(results[i])
   if consumed then debt = after end
   reply[#reply + 1] = math.max(0, math.floor((capacity - debt) / period))
@@ -132,7 +136,8 @@ for i, key in ipairs(KEYS) do
 end
 if consumed then
   local written = {}
-  for i, key in ipairs(KEYS) do
+  for i = 1, limits do
+    local key = KEYS[i]
     if not written[key] then
       written[key] = true
       local debt, count = debts[key], results[i][3]
@@ -146,6 +151,7 @@ if consumed then
       end
     end
   end
+  if mode == 'mark' then redis.call('SET', KEYS[limits + 1], '1', 'PX', 60000) end
 end
 return reply
 """
@@ -343,13 +349,19 @@ async def rate_limit_refund_async(*, schema_name: str, limits: Sequence[Limit], 
         await _evaluate_async("rate_limit_refund", call.keys, ["charge", *call.args[1:]])
 
 
-def rate_limit_queue(pipe, *, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int]) -> _Call:
+def rate_limit_queue(
+    pipe, *, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int], marker: str | None = None
+) -> _Call:
     """``rate_limit_async``'s script queued on ``pipe`` (the gateway reserves the budget in the
     same round trip); give the call and its reply to :func:`rate_limit_finish_async`. Nothing is
-    queued when no limit applies."""
+    queued when no limit applies. ``marker``: a key the script sets (for a minute) when it admits
+    the request, for a later command of the same round trip to see (chat.gateway's gate)."""
     call = _check_call(schema_name=schema_name, limits=limits, costs=costs, now_ms=None)
     if call.keys:
-        pipe.evalsha(_script_sha(), len(call.keys), *call.keys, *call.args)
+        if marker is None:
+            pipe.evalsha(_script_sha(), len(call.keys), *call.keys, *call.args)
+        else:
+            pipe.evalsha(_script_sha(), len(call.keys) + 1, *call.keys, marker, "mark", *call.args[1:])
     return call
 
 

@@ -55,7 +55,7 @@ from billing.ratelimit import (
     tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
-from tenants.redis import get_loop_redis
+from tenants.redis import get_loop_redis, tenant_key
 
 CHARS_PER_TOKEN = 4  # the estimate before a call; the provider's usage settles it after
 RATE_LIMIT_FIELDS = (
@@ -226,10 +226,13 @@ class QueuedAdmission:
     def costs(self) -> dict[str, int]:
         return {"requests": 1, "tokens": self.estimate}
 
-    def queue(self, pipe) -> None:
+    def queue(self, pipe, *, marker: str | None = None) -> None:
+        """``marker``: a key the rate limits' script sets when it admits (``AdmissionGate``)."""
         schema_name = self.caller.tenant.schema_name
         self.first = len(pipe)
-        self.rate_call = rate_limit_queue(pipe, schema_name=schema_name, limits=self.limits, costs=self.costs)
+        self.rate_call = rate_limit_queue(
+            pipe, schema_name=schema_name, limits=self.limits, costs=self.costs, marker=marker
+        )
         self.reserve_call = budget_reserve_queue(
             pipe,
             tenant_schema=schema_name,
@@ -237,6 +240,21 @@ class QueuedAdmission:
             tokens=self.estimate,
             reservation_id=self.reservation_id,
         )
+
+    @property
+    def ticket(self) -> dict:
+        """The ticket the admission will carry if it succeeds (known once queued)."""
+        return _ticket(self.caller, self.estimate, self.reserve_call.reservation, self.token_limits)
+
+    @property
+    def reservation_key(self) -> str | None:
+        """The budget reservation's key, which exists once it is made; None: no budget applies."""
+        return self.reserve_call.keys[1] if self.reserve_call.limits else None
+
+    @property
+    def is_rate_limited(self) -> bool:
+        """Whether a rate limit applies (the script was queued)."""
+        return bool(self.rate_call.keys)
 
     def _replies(self, replies: list) -> tuple[object, object]:
         """(the rate limits' reply, the reservation's), each None when not queued."""
@@ -287,20 +305,111 @@ class QueuedAdmission:
         await budget_reserve_undo_async(self.reserve_call, reserve_reply)
 
 
+# KEYS: the poison key (watched by the caller's transaction), the client's brute-force key, the
+#       rate limits' marker (when ARGV[1] == '1'), the budget reservation (when ARGV[2] == '1'),
+#       then the keys whose values must be unchanged.
+# ARGV[3..]: those values.
+# Returns 1 when the admission holds; otherwise 0, having set the poison key.
+_GATE_SCRIPT = """
+local holds = redis.call('EXISTS', KEYS[2]) == 0
+local k = 3
+if ARGV[1] == '1' then
+  holds = redis.call('DEL', KEYS[k]) == 1 and holds
+  k = k + 1
+end
+if ARGV[2] == '1' then
+  holds = holds and redis.call('EXISTS', KEYS[k]) == 1
+  k = k + 1
+end
+for i = k, #KEYS do
+  if not holds then break end
+  holds = redis.call('GET', KEYS[i]) == ARGV[i - k + 3]
+end
+if holds then return 1 end
+redis.call('SET', KEYS[1], '1', 'PX', 60000)
+return 0
+"""
+
+
+@dataclass(slots=True)
+class AdmissionGate:
+    """A known API key's admission and its turn's writes in one round trip (the edge's first
+    request with a known key; chat.transports.openai_edge), all on one pipeline:
+
+    ``WATCH poison`` · the key's confirmation · the admission's scripts (the rate limits setting
+    a marker when they admit) · the gate's script · ``MULTI`` · the turn's writes · ``EXEC``.
+
+    The gate's script finds the marker, the budget reservation and the key's cache entries as
+    they must be — or sets the poison key, which aborts the transaction: a WATCHed key's change
+    aborts its EXEC even when the change is the same connection's. Every check is positive, so
+    a script that did not run (NOSCRIPT after a Redis restart, an error) fails the gate rather
+    than letting the turn through; the gate's own script goes by its text for that reason (the
+    admission's, by SHA1). When the transaction aborts, the caller finishes (or undoes) the
+    admission from its replies as without a gate, then queues the turn in a round trip of its own.
+    """
+
+    poison: str
+    marker: str
+    watch_index: int = 0
+    exec_index: int = 0
+
+    @classmethod
+    def of(cls, queued: QueuedAdmission) -> AdmissionGate:
+        gate_key = tenant_key(queued.caller.tenant.schema_name, "gate", queued.reservation_id)
+        return cls(poison=gate_key, marker=f"{gate_key}:admitted")
+
+    def watch(self, pipe) -> None:
+        """First on the pipeline. (Queued as it is: redis-py would run a WATCH at once.)"""
+        self.watch_index = len(pipe)
+        pipe.pipeline_execute_command("WATCH", self.poison)
+
+    def check(self, pipe, queued: QueuedAdmission, *, keys: list[str], values: list[bytes], absent: str) -> None:
+        """After the admission's scripts (``queued.queue(pipe, marker=self.marker)``): ``keys``
+        must still hold ``values``, ``absent`` must not exist."""
+        has_marker = queued.is_rate_limited
+        reservation = queued.reservation_key
+        gate_keys = [self.poison, absent, *([self.marker] if has_marker else [])]
+        gate_keys += [reservation] if reservation else []
+        pipe.eval(
+            _GATE_SCRIPT,
+            len(gate_keys) + len(keys),
+            *gate_keys,
+            *keys,
+            "1" if has_marker else "0",
+            "1" if reservation else "0",
+            *values,
+        )
+
+    def begin(self, pipe) -> int:
+        """``MULTI``; returns where the transaction's commands start on ``pipe``."""
+        pipe.pipeline_execute_command("MULTI")
+        return len(pipe)
+
+    def commit(self, pipe) -> None:
+        self.exec_index = len(pipe)
+        pipe.pipeline_execute_command("EXEC")
+
+    def committed(self, replies: list) -> list | None:
+        """The transaction's replies; None when it aborted (or did not run)."""
+        reply = replies[self.exec_index]
+        return reply if isinstance(reply, list) else None
+
+
 def _admission(
     caller: Caller, decision, estimate: int, reservation: Reservation, token_limits: list[Limit]
 ) -> Admission:
-    return Admission(
-        headers=rate_limit_headers(decision),
-        ticket={
-            "estimate": estimate,
-            "reservation": reservation.to_dict(),
-            "token_limits": [_limit_dict(limit) for limit in token_limits],
-            "bot": caller.bot_public_id,
-            "api_key_id": caller.api_key_id,
-            "end_user": caller.end_user,
-        },
-    )
+    return Admission(headers=rate_limit_headers(decision), ticket=_ticket(caller, estimate, reservation, token_limits))
+
+
+def _ticket(caller: Caller, estimate: int, reservation: Reservation, token_limits: list[Limit]) -> dict:
+    return {
+        "estimate": estimate,
+        "reservation": reservation.to_dict(),
+        "token_limits": [_limit_dict(limit) for limit in token_limits],
+        "bot": caller.bot_public_id,
+        "api_key_id": caller.api_key_id,
+        "end_user": caller.end_user,
+    }
 
 
 def _usage_event(ticket: dict, **fields) -> UsageEvent:

@@ -210,11 +210,44 @@ async def turn_start_from_messages_async(
     must not have counted against the limits. The conversation's row goes to the batch writer
     with its messages (chat.memory.persistence). ``inbox``: the channel the worker notifies
     besides the stream's own (chat.transports.hub)."""
+    turn = edge_turn_prepare(
+        bot=bot,
+        end_user=end_user,
+        messages=messages,
+        overrides=overrides,
+        is_streamed=is_streamed,
+        ticket=admission.ticket,
+        epoch=epoch,
+        generation_id=generation_id,
+        inbox=inbox,
+    )
+    hit = await _edge_exact_hit_async(turn.job, bot, turn.records[:-1], redis) if turn.is_cacheable else None
+    async with redis.pipeline(transaction=True) as pipe:
+        turn.queue(pipe, hit=hit)
+        replies = await pipe.execute()
+    return await turn.started(replies, headers=admission.headers)
+
+
+def edge_turn_prepare(
+    *,
+    bot: BotSnapshot,
+    end_user: EndUser,
+    messages: list[dict],
+    overrides: dict,
+    is_streamed: bool,
+    ticket: dict,
+    epoch: bytes,
+    generation_id: str | None = None,
+    inbox: str | None = None,
+) -> EdgeTurn:
+    """A stateless caller's turn, ready to queue (``EdgeTurn.queue``) in a Redis transaction:
+    ``turn_start_from_messages_async`` in steps, for the edge that queues it in its admission's
+    round trip (chat.gateway.AdmissionGate). ``ticket``: the admission's (``Admission.ticket``
+    or ``QueuedAdmission.ticket``)."""
     schema_name = bot.schema_name
     generation_id = generation_id or str(uuid.uuid4())
     conversation_id = str(uuid.uuid4())
     now = timezone.now()
-    now_ts = timestamp_of(now)
     records = _message_records(conversation_id, messages, generation_id=generation_id, now=now)
     user_record = records[-1]
     job = TurnJob(
@@ -226,7 +259,7 @@ async def turn_start_from_messages_async(
         user_message_ts=user_record["ts"],
         overrides=overrides,
         is_streamed=is_streamed,
-        gateway=admission.ticket,
+        gateway=ticket,
         # The worker needs nothing else: no round trip before it calls the model.
         context={
             "bot_id": bot.pk,
@@ -238,56 +271,92 @@ async def turn_start_from_messages_async(
             "inbox_events": inbox is not None,  # this process reads events from its notifications
         },
     )
-    stream_key = generation_stream_key(schema_name, generation_id)
-    started_at = time.perf_counter()
-    hit = await _edge_exact_hit_async(job, bot, records[:-1], redis)
-    async with redis.pipeline(transaction=True) as pipe:
+    return EdgeTurn(
+        job=job,
+        records=records,
+        conversation=persistence.conversation_record(
+            conversation_id=conversation_id,
+            bot_id=bot.pk,
+            end_user_kind=end_user.kind,
+            end_user_id=end_user.id,
+            title=user_record["content"].strip(),
+            ts=timestamp_of(now),
+        ),
+        owner={"conversation_id": conversation_id, "end_user_kind": end_user.kind, "end_user_id": end_user.id[:200]},
+        is_cacheable=edge_is_cacheable(bot, overrides),
+    )
+
+
+def edge_is_cacheable(bot: BotSnapshot, overrides: dict) -> bool:
+    """Whether an exact response-cache hit is possible for the edge's turn (looked up first)."""
+    return cache.is_cacheable({**bot.generation, **overrides}, cache_settings=bot.cache)
+
+
+@dataclass(slots=True)
+class EdgeTurn:
+    """A turn ``edge_turn_prepare`` made: its writes go on a transaction (``queue``), whose replies
+    make it started (``started``)."""
+
+    job: TurnJob
+    records: list[dict]
+    conversation: dict
+    owner: dict
+    is_cacheable: bool  # an exact response-cache hit is possible: look it up before queueing
+    started_at: float = 0.0
+    outcome: TurnOutcome | None = None
+    hit: CachedAnswer | None = None
+    created_reply: int = 0  # where the first event's entry id is among the transaction's replies
+
+    @property
+    def stream_key(self) -> str:
+        return generation_stream_key(self.job.schema_name, self.job.generation_id)
+
+    def queue(self, pipe, *, hit: CachedAnswer | None = None, first: int = 0) -> None:
+        """The messages (and the conversation's row) for the batch writer and the hot store, the
+        generation's owner and first event, then the job — or, for ``hit``, the cached answer.
+        ``first``: where the transaction's commands start on ``pipe``."""
+        job = self.job
+        self.hit = hit
+        self.started_at = time.perf_counter()
         persistence.queue_on(
             pipe,
-            schema_name=schema_name,
-            conversation_id=conversation_id,
-            records=records,
+            schema_name=job.schema_name,
+            conversation_id=job.conversation_id,
+            records=self.records,
             is_new_conversation=True,
-            conversation=persistence.conversation_record(
-                conversation_id=conversation_id,
-                bot_id=bot.pk,
-                end_user_kind=end_user.kind,
-                end_user_id=end_user.id,
-                title=user_record["content"].strip(),
-                ts=now_ts,
-            ),
+            conversation=self.conversation,
         )
-        outcome, created_reply = _queue_turn(
+        self.outcome, created_reply = _queue_turn(
             pipe,
             job,
-            owner={
-                "conversation_id": conversation_id,
-                "end_user_kind": end_user.kind,
-                "end_user_id": end_user.id[:200],
-            },
+            owner=self.owner,
             created={
-                "generation_id": generation_id,
-                "conversation_id": conversation_id,
-                "message_id": user_record["id"],
+                "generation_id": job.generation_id,
+                "conversation_id": job.conversation_id,
+                "message_id": job.user_message_id,
             },
             hit=hit,
-            started_at=started_at,
+            started_at=self.started_at,
         )
-        replies = await pipe.execute()
-    if outcome is not None:
-        engine.record_metrics(job, outcome)
-        try:
-            await gateway.settle(job.gateway, **engine.settlement(job, outcome))
-        except Exception:  # bookkeeping must not fail an answer already given
-            logger.exception("edge_cache_settle_failed", generation_id=generation_id)
-    return AsyncStartedTurn(
-        generation_id=generation_id,
-        conversation_id=conversation_id,
-        stream_key=stream_key,
-        headers=admission.headers,
-        cache_layer=hit.layer if hit is not None else None,
-        created_event_id=entry_id_of(replies[created_reply]),
-    )
+        self.created_reply = created_reply - first
+
+    async def started(self, replies: list, *, headers: dict) -> AsyncStartedTurn:
+        """The turn, from its transaction's replies; a cached answer settled with the gateway."""
+        job = self.job
+        if self.outcome is not None:
+            engine.record_metrics(job, self.outcome)
+            try:
+                await gateway.settle(job.gateway, **engine.settlement(job, self.outcome))
+            except Exception:  # bookkeeping must not fail an answer already given
+                logger.exception("edge_cache_settle_failed", generation_id=job.generation_id)
+        return AsyncStartedTurn(
+            generation_id=job.generation_id,
+            conversation_id=job.conversation_id,
+            stream_key=self.stream_key,
+            headers=headers,
+            cache_layer=self.hit.layer if self.hit is not None else None,
+            created_event_id=entry_id_of(replies[self.created_reply]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,9 +370,8 @@ class AsyncStartedTurn:
 
 
 async def _edge_exact_hit_async(job: TurnJob, bot: BotSnapshot, earlier: list[dict], redis) -> CachedAnswer | None:
-    """``_edge_exact_hit`` for the async edge: the bot's snapshot instead of its row."""
-    if not cache.is_cacheable({**bot.generation, **job.overrides}, cache_settings=bot.cache):
-        return None
+    """``_edge_exact_hit`` for the async edge: the bot's snapshot instead of its row (a cacheable
+    turn's: ``EdgeTurn.is_cacheable``)."""
     try:
         inputs = engine.inputs_from(job, bot, earlier, summary="", summary_until_ts=0)
         lookup = engine.cache_request(job, inputs)

@@ -221,30 +221,53 @@ class QueuedConfirmation:
     has_peek: bool  # the brute-force limit's state was asked for (the limit may be switched off)
 
 
-def api_key_confirm_queue(pipe, known: KnownKey, *, client_ip: str) -> QueuedConfirmation:
+def api_key_confirm_queue(pipe, known: KnownKey, *, client_ip: str, peek: bool = True) -> QueuedConfirmation:
     """Queue on ``pipe`` what ``api_key_confirmed`` needs: the cache entries and the epoch, and the
-    brute-force limit's state for this client."""
+    brute-force limit's state for this client (not with ``peek=False``: the caller's gate checks
+    the client has no recent failure, and asks ``api_key_confirmed`` for it only if it did not
+    hold)."""
     from billing.ratelimit import auth_failures_peek_queue
 
     first = len(pipe)
     pipe.mget([*known.cache_keys, EPOCH_KEY])
-    auth_failures_peek_queue(pipe, f"{known.record.prefix}:{client_ip}")
+    if peek:
+        auth_failures_peek_queue(pipe, f"{known.record.prefix}:{client_ip}")
     return QueuedConfirmation(first=first, has_peek=len(pipe) > first + 1)
 
 
-async def api_key_confirmed(known: KnownKey, replies: list, queued: QueuedConfirmation, *, client_ip: str) -> bool:
-    """Whether the replies show nothing changed since ``known`` was accepted, and this client is
-    not throttled for the key. If not, the key is forgotten here (the full check follows)."""
-    from billing.ratelimit import auth_failures_retry_after
+def api_key_unchanged_condition(known: KnownKey, *, client_ip: str) -> tuple[list[str], list[bytes], str]:
+    """What ``api_key_confirmed`` checks, for a Redis script to check again later in the same round
+    trip (chat.gateway.AdmissionGate): the keys whose values must be unchanged, those values, and
+    the client's brute-force key, which must not exist (stricter than the limit: any recent
+    failure sends the request the full way, where the limit itself is applied)."""
+    from billing.ratelimit import auth_failure_key
 
-    values = replies[queued.first]
-    peeked = replies[queued.first + 1] if queued.has_peek else None
-    is_same = (
-        isinstance(values, list)
-        and tuple(values[:-1]) == known.raws
-        and values[-1] == known.epoch
-        and await auth_failures_retry_after(peeked, identity=f"{known.record.prefix}:{client_ip}") is None
+    return (
+        [*known.cache_keys, EPOCH_KEY],
+        [*known.raws, known.epoch],
+        auth_failure_key(f"{known.record.prefix}:{client_ip}"),
     )
+
+
+async def api_key_confirmed(
+    known: KnownKey, replies: list, queued: QueuedConfirmation, *, client_ip: str, is_unthrottled: bool = False
+) -> bool:
+    """Whether the replies show nothing changed since ``known`` was accepted, and this client is
+    not throttled for the key. If not, the key is forgotten here (the full check follows).
+    ``is_unthrottled``: the caller's gate found no recent failure of this client with this key
+    (``api_key_unchanged_condition``); without it or a peek among the replies, the brute-force
+    limit is asked now."""
+    from billing.ratelimit import auth_failures_exceeded_async, auth_failures_retry_after
+
+    identity = f"{known.record.prefix}:{client_ip}"
+    values = replies[queued.first]
+    is_same = isinstance(values, list) and tuple(values[:-1]) == known.raws and values[-1] == known.epoch
+    if is_same and not is_unthrottled:
+        if queued.has_peek:
+            retry_after = await auth_failures_retry_after(replies[queued.first + 1], identity=identity)
+        else:
+            retry_after = await auth_failures_exceeded_async(identity=identity)
+        is_same = retry_after is None
     if not is_same:
         _known_keys.pop((known.hostname, known.record.prefix), None)
         return False

@@ -32,12 +32,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat import gateway, turns
-from chat.gateway import Admission, Caller
+from chat.gateway import Admission, AdmissionGate, Caller
 from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
 from chat.snapshots import bot_snapshot_get
 from chat.streams import STARTED_EVENT, generation_stream_key
-from chat.transports.hub import follow_batches, get_hub
+from chat.transports.hub import Subscription, follow_batches, get_hub
 from chat.transports.openai_api import (
     DONE_CHUNK,
     MAX_MESSAGES,
@@ -54,6 +54,7 @@ from tenants.authentication import (
     api_key_confirm_queue,
     api_key_confirmed,
     api_key_known,
+    api_key_unchanged_condition,
 )
 from tenants.errors import (
     NotFound,
@@ -172,26 +173,22 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
     redis = get_loop_redis()
     client_ip = (scope.get("client") or ("", 0))[0] or ""
     host = headers.get("host", "")
-    admitted = await _admit_known(raw_key, host, client_ip, body, redis) or await _admit(
-        raw_key, host, client_ip, body, redis
-    )
-    data, bot = admitted.data, admitted.bot
-    structlog.contextvars.bind_contextvars(tenant=admitted.tenant.slug)
     # The turn's stream is followed through this process's inbox: registered before its job is
     # queued, it costs no channel subscription (chat.transports.hub).
     hub = get_hub()
     inbox = await hub.inbox_channel()
     generation_id = str(uuid.uuid4())
-    subscription = hub.register(generation_stream_key(admitted.tenant.schema_name, generation_id))
+    begun = await _begin_known(raw_key, host, client_ip, body, redis, hub, inbox, generation_id)
+    if begun is None:
+        request = await _admit(raw_key, host, client_ip, body, redis)
+        begun = _Begun(request, hub.register(generation_stream_key(request.tenant.schema_name, generation_id)))
+    admitted, subscription = begun.request, begun.subscription
+    data, bot = admitted.data, admitted.bot
+    structlog.contextvars.bind_contextvars(tenant=admitted.tenant.slug)
     try:
-        turn = await turns.turn_start_from_messages_async(
-            bot=bot,
-            end_user=admitted.end_user,
-            messages=data["messages"],
-            overrides=admitted.overrides,
-            is_streamed=data["stream"],
+        turn = begun.turn or await turns.turn_start_from_messages_async(
+            **admitted.turn_fields(),
             admission=admitted.admission,
-            epoch=admitted.epoch,
             redis=redis,
             generation_id=generation_id,
             inbox=inbox,
@@ -229,6 +226,17 @@ class _Request:
     def estimate(self) -> dict:
         return turns.admission_estimate(bot=self.bot, messages=self.data["messages"], overrides=self.overrides)
 
+    def turn_fields(self) -> dict:
+        """What the turn is made of (``turns.turn_start_from_messages_async``, ``edge_turn_prepare``)."""
+        return {
+            "bot": self.bot,
+            "end_user": self.end_user,
+            "messages": self.data["messages"],
+            "overrides": self.overrides,
+            "is_streamed": self.data["stream"],
+            "epoch": self.epoch,
+        }
+
 
 async def _admit(raw_key: str, host: str, client_ip: str, body: bytes, redis) -> _Request:
     """Authenticate (one round trip), read the request, then the gateway (another)."""
@@ -238,11 +246,26 @@ async def _admit(raw_key: str, host: str, client_ip: str, body: bytes, redis) ->
     return request
 
 
-async def _admit_known(raw_key: str, host: str, client_ip: str, body: bytes, redis) -> _Request | None:
-    """``_admit`` in one round trip for a key this process accepted before: checked here against
-    what it knows (tenants.authentication.api_key_known), confirmed unchanged in the admission's
-    round trip. None — after giving back what the admission took — when anything differs, or the
-    request has a fault whose error the full path words: the caller then takes that path."""
+@dataclass(slots=True)
+class _Begun:
+    """An admitted request, the subscription to its generation's stream, and its turn when it was
+    queued in the admission's round trip (``_begin_known``)."""
+
+    request: _Request
+    subscription: Subscription
+    turn: turns.AsyncStartedTurn | None = None
+
+
+async def _begin_known(
+    raw_key: str, host: str, client_ip: str, body: bytes, redis, hub, inbox: str, generation_id: str
+) -> _Begun | None:
+    """``_admit`` and the turn's start in one round trip, for a key this process accepted before:
+    checked here against what it knows (tenants.authentication.api_key_known), confirmed
+    unchanged and admitted in the round trip that queues the turn, behind chat.gateway's
+    AdmissionGate. A turn that may be answered from the response cache (looked up first), or
+    whose gate did not hold, is queued in a round trip of its own once admitted. None — after
+    giving back what the admission took — when anything about the key differs, or the request
+    has a fault whose error the full path words: the caller then takes that path."""
     known = api_key_known(raw_key, host=host)
     if known is None:
         return None
@@ -251,18 +274,54 @@ async def _admit_known(raw_key: str, host: str, client_ip: str, body: bytes, red
     except ParleyError:
         return None
     queued = await gateway.admission_prepare(caller=request.caller, epoch=request.epoch, **request.estimate())
+    gate = None if turns.edge_is_cacheable(request.bot, request.overrides) else AdmissionGate.of(queued)
+    subscription = hub.register(generation_stream_key(request.tenant.schema_name, generation_id))
+    try:
+        begun = await _admit_known(known, request, queued, gate, client_ip, redis, inbox, generation_id)
+    except BaseException:
+        await hub.unsubscribe(subscription)
+        raise
+    if begun is None:
+        await hub.unsubscribe(subscription)
+        return None
+    return _Begun(request, subscription, begun or None)
+
+
+async def _admit_known(
+    known, request: _Request, queued, gate: AdmissionGate | None, client_ip: str, redis, inbox: str, generation_id: str
+) -> turns.AsyncStartedTurn | bool | None:
+    """The round trip of ``_begin_known``: the started turn when the gate held; False when the
+    request was admitted without it (``request.admission`` set: the turn is still to queue);
+    None when the key is to be checked the full way."""
+    turn = None
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            confirmation = api_key_confirm_queue(pipe, known, client_ip=client_ip)
-            queued.queue(pipe)
+            if gate is not None:
+                gate.watch(pipe)
+            confirmation = api_key_confirm_queue(pipe, known, client_ip=client_ip, peek=gate is None)
+            queued.queue(pipe, marker=gate.marker if gate is not None else None)
+            if gate is not None:
+                keys, values, absent = api_key_unchanged_condition(known, client_ip=client_ip)
+                gate.check(pipe, queued, keys=keys, values=values, absent=absent)
+                turn = turns.edge_turn_prepare(
+                    **request.turn_fields(), ticket=queued.ticket, generation_id=generation_id, inbox=inbox
+                )
+                turn.queue(pipe, first=gate.begin(pipe))
+                gate.commit(pipe)
             replies = await pipe.execute(raise_on_error=False)
     except (RedisConnectionError, RedisTimeoutError):
         return None  # the full path has the rules for Redis being away
-    if not await api_key_confirmed(known, replies, confirmation, client_ip=client_ip):
+    committed = gate.committed(replies) if gate is not None else None
+    is_confirmed = await api_key_confirmed(
+        known, replies, confirmation, client_ip=client_ip, is_unthrottled=committed is not None
+    )
+    if committed is None and not is_confirmed:
         await queued.undo(replies)
         return None
     request.admission = await queued.finish(replies)
-    return request
+    if committed is None:
+        return False
+    return await turn.started(committed, headers=request.admission.headers)
 
 
 async def _read_request(tenant, epoch: bytes, context, body: bytes) -> _Request:

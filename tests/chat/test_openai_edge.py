@@ -12,6 +12,7 @@ import pytest
 from django.test import override_settings
 from django_tenants.utils import tenant_context
 
+from billing.models import ApiKeyBudget
 from chat.memory.persistence import messages_flush
 from chat.metrics import EDGE_REQUESTS
 from chat.models import Conversation, Message
@@ -547,3 +548,137 @@ async def test_turns_end_whole_after_redis_lost_its_scripts(worker, live, django
     assert streamed.status_code == 200
     assert "original card" in streamed.text
     assert streamed.text.rstrip().endswith("data: [DONE]")
+
+
+# --- a known key's admission and turn in one round trip (chat.gateway.AdmissionGate) ------------
+
+
+def _turns_started_apart(monkeypatch) -> list:
+    """The turns the edge queues in a round trip of their own from now on (not in the admission's)."""
+    from chat import turns
+
+    started = []
+    real = turns.turn_start_from_messages_async
+
+    async def recorded(**kwargs):
+        started.append(kwargs["generation_id"])
+        return await real(**kwargs)
+
+    monkeypatch.setattr(turns, "turn_start_from_messages_async", recorded)
+    return started
+
+
+def _stored_turns(live) -> list[tuple[str, list[str]]]:
+    """Every conversation of the live bot stored through the batch writer: its generation (the
+    user message's) and its messages' roles."""
+    messages_flush()
+    with tenant_context(live["tenant"]):
+        stored = []
+        for conversation in Conversation.objects.filter(bot_id=live["bot"].pk).exclude(pk=live["conversation"].pk):
+            rows = list(conversation.messages.order_by("created_at").values_list("role", "generation_id"))
+            stored.append((next(str(generation) for role, generation in rows if role == "user"), [r for r, _ in rows]))
+        return stored
+
+
+def _gate_keys(live) -> list[bytes]:
+    from tenants.redis import get_redis
+
+    return list(get_redis().scan_iter(match=f"t:{live['tenant'].schema_name}:gate:*"))
+
+
+async def test_a_known_keys_turn_is_queued_in_its_admissions_round_trip(worker, live, django_db_blocker, monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    apart = _turns_started_apart(monkeypatch)
+    with django_db_blocker.unblock():
+        responses = [await _post(live, _request(live, stream=index == 3)) for index in range(4)]
+        stored = await sync_to_async(_stored_turns)(live)
+
+    assert [response.status_code for response in responses] == [200] * 4
+    assert "original card" in responses[2].json()["choices"][0]["message"]["content"]
+    assert "original card" in responses[3].text
+    assert responses[3].text.rstrip().endswith("data: [DONE]")
+    generations = [response.headers["x-parley-generation-id"] for response in responses]
+    # The first two requests authenticated the full way, each turn queued once admitted; the key
+    # was known from the third on: admitted and queued in one round trip.
+    assert apart == generations[:2]
+    assert sorted(stored) == sorted((generation, ["user", "assistant"]) for generation in generations)
+    assert _gate_keys(live) == []  # the rate limits' markers are gone, no gate was poisoned
+
+
+async def test_a_known_key_refused_by_a_rate_limit_queues_nothing(worker, live, django_db_blocker, monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from billing.budgets import budget_used
+
+    with django_db_blocker.unblock():
+        api_key = await sync_to_async(_key_of)(live)
+        await sync_to_async(ApiKeyBudget.objects.create)(
+            api_key=api_key, requests_per_minute=3, monthly_token_budget=1_000_000
+        )
+        apart = _turns_started_apart(monkeypatch)
+        responses = [await _post(live, _request(live)) for _ in range(4)]
+        stored = await sync_to_async(_stored_turns)(live)
+
+    assert [response.status_code for response in responses] == [200, 200, 200, 429]
+    assert responses[3].json()["error"]["type"] == "rate_limit_error"
+    generations = [response.headers["x-parley-generation-id"] for response in responses[:3]]
+    assert apart == generations[:2]  # the third and the refused fourth went through the gate
+    assert sorted(generation for generation, _roles in stored) == sorted(generations)
+    # The refused request's budget reservation was given back: the key's budget holds exactly
+    # what the three answers used.
+    used = budget_used(tenant_schema=live["tenant"].schema_name, level="key", identity=str(api_key.pk))
+    assert used == sum(response.json()["usage"]["total_tokens"] for response in responses[:3])
+
+
+async def test_a_known_key_refused_by_its_budget_queues_nothing(worker, live, django_db_blocker, monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from billing.budgets import budget_counters_key, budget_used, current_month
+    from tenants.redis import get_redis
+
+    schema = live["tenant"].schema_name
+    with django_db_blocker.unblock():
+        api_key = await sync_to_async(_key_of)(live)
+        await sync_to_async(ApiKeyBudget.objects.create)(api_key=api_key, monthly_token_budget=1_000_000)
+        apart = _turns_started_apart(monkeypatch)
+        admitted = [await _post(live, _request(live)) for _ in range(2)]
+        # The budget used up elsewhere (another replica's answers): the key is still known here.
+        get_redis().hincrby(budget_counters_key(schema, current_month()), f"key:{api_key.pk}", 1_000_000)
+        used = budget_used(tenant_schema=schema, level="key", identity=str(api_key.pk))
+        refused = await _post(live, _request(live))
+        stored = await sync_to_async(_stored_turns)(live)
+
+    assert [response.status_code for response in admitted] == [200, 200]
+    assert (refused.status_code, refused.json()["error"]["code"]) == (402, "budget_exceeded")
+    assert len(apart) == 2  # the refused request went through the gate, and no further
+    assert sorted(generation for generation, _roles in stored) == sorted(
+        response.headers["x-parley-generation-id"] for response in admitted
+    )
+    assert budget_used(tenant_schema=schema, level="key", identity=str(api_key.pk)) == used  # nothing reserved
+
+
+async def test_a_known_keys_gate_that_fails_for_lost_scripts_still_queues_the_turn_once(
+    worker, live, django_db_blocker, monkeypatch
+):
+    """After SCRIPT FLUSH the admission's scripts fail by SHA1: the gate finds no marker and aborts
+    the transaction; the admission runs again by the scripts' text, and the turn is queued apart,
+    once."""
+    from asgiref.sync import sync_to_async
+
+    from tenants.redis import get_redis
+
+    with django_db_blocker.unblock():
+        first = [await _post(live, _request(live)) for _ in range(2)]  # the key is known now
+        apart = _turns_started_apart(monkeypatch)
+        get_redis().script_flush()
+        response = await asyncio.wait_for(_post(live, _request(live)), 15)
+        stored = await sync_to_async(_stored_turns)(live)
+
+    assert [item.status_code for item in first] == [200, 200]
+    assert response.status_code == 200
+    assert "original card" in response.json()["choices"][0]["message"]["content"]
+    generation = response.headers["x-parley-generation-id"]
+    assert apart == [generation]
+    assert [roles for stored_generation, roles in stored if stored_generation == generation] == [["user", "assistant"]]
+    assert len(stored) == 3
