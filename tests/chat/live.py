@@ -1,4 +1,5 @@
-"""Real server processes for end-to-end tests: daphne serving config.asgi on free loopback ports,
+"""Real server processes for end-to-end tests: config.asgi served on free loopback ports by
+uvicorn as production runs it (docker/entrypoint.sh) or by daphne (Channels' development server),
 pointed at the test database and the test Redis."""
 
 from __future__ import annotations
@@ -39,8 +40,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _command(server: str, port: int) -> list[str]:
+    bin_directory = Path(sys.executable).parent
+    if server == "daphne":
+        return [str(bin_directory / "daphne"), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"]
+    if server == "uvicorn":  # production's flags (docker/entrypoint.sh), one worker
+        return [
+            str(bin_directory / "uvicorn"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+            *("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--lifespan", "off"),
+            "config.asgi:application",
+        ]
+    raise ValueError(server)
+
+
 class LiveServer:
-    def __init__(self) -> None:
+    def __init__(self, server: str = "uvicorn") -> None:
+        self.server = server
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {
@@ -54,14 +70,7 @@ class LiveServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "config.asgi:application",
-            ],
+            _command(server, self.port),
             cwd=BASE_DIR,
             env=environment,
             stdout=self.log,
@@ -76,7 +85,7 @@ class LiveServer:
             except httpx.HTTPError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"live server on {self.port} did not start; see {self.log_path}")
+        raise RuntimeError(f"live {server} server on {self.port} did not start; see {self.log_path}")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -1,5 +1,6 @@
-"""End to end over real HTTP: the official openai SDK against Parley, and SSE resumed on a second
-server process after a dropped connection."""
+"""End to end over real HTTP, under both ASGI servers — uvicorn as production runs it, daphne as
+development does: the official openai SDK against Parley, SSE resumed on a second server process
+(of the other kind) after a dropped connection, and the WebSocket transport."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ from tests.chat.live import LiveServer
 pytestmark = pytest.mark.slow
 
 
+SERVERS = ("uvicorn", "daphne")
+
+
 @pytest.fixture(scope="module")
 def servers():
-    first, second = LiveServer(), LiveServer()
-    yield first, second
-    first.stop()
-    second.stop()
+    started = {server: LiveServer(server) for server in SERVERS}
+    yield started
+    for server in started.values():
+        server.stop()
 
 
-def test_openai_sdk_non_streaming(servers, worker, live):
-    client = openai.OpenAI(base_url=f"{servers[0].url}/v1", api_key=live["raw"], max_retries=0)
+@pytest.mark.parametrize("server", SERVERS)
+def test_openai_sdk_non_streaming(servers, worker, live, server):
+    client = openai.OpenAI(base_url=f"{servers[server].url}/v1", api_key=live["raw"], max_retries=0)
 
     completion = client.chat.completions.create(
         model=live["bot"].public_id,
@@ -38,8 +43,9 @@ def test_openai_sdk_non_streaming(servers, worker, live):
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
 
 
-def test_openai_sdk_streaming_with_usage(servers, worker, live):
-    client = openai.OpenAI(base_url=f"{servers[1].url}/v1", api_key=live["raw"], max_retries=0)
+@pytest.mark.parametrize("server", SERVERS)
+def test_openai_sdk_streaming_with_usage(servers, worker, live, server):
+    client = openai.OpenAI(base_url=f"{servers[server].url}/v1", api_key=live["raw"], max_retries=0)
 
     raw = client.chat.completions.with_raw_response.create(
         model=live["bot"].public_id,
@@ -70,7 +76,7 @@ def test_openai_sdk_streaming_with_usage(servers, worker, live):
     ids=["unknown_model_case", "last_not_user_case", "bad_temperature_case", "no_messages_case"],
 )
 def test_openai_sdk_sees_clear_errors_case(servers, live, kwargs, error):
-    client = openai.OpenAI(base_url=f"{servers[0].url}/v1", api_key=live["raw"], max_retries=0)
+    client = openai.OpenAI(base_url=f"{servers['uvicorn'].url}/v1", api_key=live["raw"], max_retries=0)
     request = {"model": live["bot"].public_id, "messages": [{"role": "user", "content": "hi"}], **kwargs}
 
     with pytest.raises(error) as raised:
@@ -80,7 +86,7 @@ def test_openai_sdk_sees_clear_errors_case(servers, live, kwargs, error):
 
 
 def test_openai_sdk_bad_key(servers, live):
-    client = openai.OpenAI(base_url=f"{servers[0].url}/v1", api_key="prly_nope0000_" + "x" * 40, max_retries=0)
+    client = openai.OpenAI(base_url=f"{servers['uvicorn'].url}/v1", api_key="prly_nope0000_" + "x" * 40, max_retries=0)
 
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
@@ -107,7 +113,7 @@ def _read_events(url: str, headers: dict[str, str]) -> list[tuple[str, str, dict
 
 def test_sse_resumes_on_second_server_after_dropped_connection(servers, worker, live, provider_choice):
     provider_choice["provider"] = LocalProvider(seconds_per_word=0.02)
-    first, second = servers
+    first, second = servers["uvicorn"], servers["daphne"]
     headers = {"Authorization": f"Bearer {live['raw']}", "Accept": "text/event-stream"}
     url = f"{first.url}/api/v1/conversations/{live['conversation'].pk}/messages/"
 
@@ -132,3 +138,34 @@ def test_sse_resumes_on_second_server_after_dropped_connection(servers, worker, 
     assert after[-1][1] == "done"
     ids = [event[0] for event in before + after]
     assert len(ids) == len(set(ids))
+
+
+ORIGIN = "https://shop.example.com"
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_websocket_chat_over_the_network(servers, worker, live, django_db_blocker, server):
+    """A visitor's page chats over a real WebSocket: the server must speak the protocol (uvicorn
+    only does with a WebSocket library installed), and the origin rule holds."""
+    from django_tenants.utils import tenant_context
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from chat.models import Bot
+
+    with django_db_blocker.unblock(), tenant_context(live["tenant"]):
+        Bot.objects.filter(pk=live["bot"].pk).update(allowed_origins=[ORIGIN])
+    url = f"ws://localhost:{servers[server].port}/ws/bots/{live['bot'].public_id}/?visitor_id=visitor-123"
+
+    with connect(url, origin=ORIGIN, open_timeout=10) as websocket:
+        websocket.send(json.dumps({"type": "message", "content": "How are refunds paid?"}))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(websocket.recv(timeout=10)))
+    with pytest.raises(InvalidStatus) as refused, connect(url, origin="https://evil.example.com", open_timeout=10):
+        pass
+
+    assert frames[0]["type"] == "message.created"
+    assert frames[-1]["type"] == "done"
+    assert "original card" in "".join(frame["data"]["text"] for frame in frames if frame["type"] == "token")
+    assert refused.value.response.status_code == 403
