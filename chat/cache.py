@@ -414,9 +414,20 @@ async def exact_lookup_async(
     scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis: aioredis.Redis
 ) -> CachedAnswer | None:
     """``exact_lookup`` on an asyncio client (the async edge)."""
+    key = exact_entry_key(scope, exact=exact, cache_settings=cache_settings)
+    return None if key is None else exact_answer(scope, await redis.get(key))
+
+
+def exact_entry_key(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any]) -> str | None:
+    """The exact layer's key for a request, for a caller that GETs it in a round trip of its own
+    making (the edge's admission); None when the bot's cache is off."""
     if not _resolved(cache_settings)["enabled"]:
         return None
-    payload = await redis.get(_prefix(scope.schema_name) + _exact_member(exact))
+    return _prefix(scope.schema_name) + _exact_member(exact)
+
+
+def exact_answer(scope: CacheScope, payload: bytes | None) -> CachedAnswer | None:
+    """The answer an ``exact_entry_key`` GET found (counted as a hit), or None."""
     if payload is None:
         return None
     LOOKUPS.labels(scope.schema_name, "exact", "hit").inc()

@@ -30,13 +30,14 @@ from chat.streams import (
     JOBS_STREAM,
     STARTED_EVENT,
     STREAM_TTL_SECONDS,
+    StreamEvent,
     cancel_key,
     entry_id_of,
     generation_owner_key,
     generation_stream_key,
 )
 from tenants.errors import NotFound, ParleyError, ValidationFailed
-from tenants.redis import get_redis
+from tenants.redis import execute_with_scripts, get_redis
 
 logger = structlog.get_logger(__name__)
 
@@ -164,10 +165,11 @@ def _message_records(conversation_id: str, messages: list[dict], *, generation_i
 
 def _queue_turn(
     pipe, job: TurnJob, *, owner: dict, created: dict, hit: CachedAnswer | None, started_at: float
-) -> tuple[TurnOutcome | None, int]:
+) -> tuple[TurnOutcome | None, int, list[tuple[int, str, dict]]]:
     """After the messages on ``pipe``: the generation's owner and first event, then the job for the
-    workers — or, for an exact cache hit, the answer itself. Returns the cache hit's outcome, and
-    where the first event's entry id will be among the pipeline's replies."""
+    workers — or, for an exact cache hit, the answer itself. Returns the cache hit's outcome, where
+    the first event's entry id will be among the pipeline's replies, and the hit's events (where
+    each one's entry id will be, its type, its data)."""
     stream_key = generation_stream_key(job.schema_name, job.generation_id)
     pipe.set(generation_owner_key(job.schema_name, job.generation_id), orjson.dumps(owner), ex=STREAM_TTL_SECONDS)
     created_reply = len(pipe)
@@ -177,8 +179,9 @@ def _queue_turn(
     # was written before they came (chat.transports.hub).
     if hit is None:
         pipe.xadd(JOBS_STREAM, {"job": orjson.dumps(job.as_dict())})
-        return None, created_reply
-    return _answer_from_cache(pipe, job, hit, started_at), created_reply
+        return None, created_reply, []
+    outcome, events = _answer_from_cache(pipe, job, hit, started_at)
+    return outcome, created_reply, events
 
 
 def admission_estimate(*, bot: BotSnapshot, messages: list[dict], overrides: dict) -> dict:
@@ -221,11 +224,8 @@ async def turn_start_from_messages_async(
         generation_id=generation_id,
         inbox=inbox,
     )
-    hit = await _edge_exact_hit_async(turn.job, bot, turn.records[:-1], redis) if turn.is_cacheable else None
-    async with redis.pipeline(transaction=True) as pipe:
-        turn.queue(pipe, hit=hit)
-        replies = await pipe.execute()
-    return await turn.started(replies, headers=admission.headers)
+    hit = await _edge_exact_hit_async(turn, bot, redis) if turn.is_cacheable else None
+    return await turn.start(redis, hit=hit, headers=admission.headers)
 
 
 def edge_turn_prepare(
@@ -306,10 +306,28 @@ class EdgeTurn:
     outcome: TurnOutcome | None = None
     hit: CachedAnswer | None = None
     created_reply: int = 0  # where the first event's entry id is among the transaction's replies
+    cached_events: list[tuple[int, str, dict]] = field(default_factory=list)  # a hit's, likewise
 
     @property
     def stream_key(self) -> str:
         return generation_stream_key(self.job.schema_name, self.job.generation_id)
+
+    def exact_lookup(self, bot: BotSnapshot) -> tuple[cache.CacheScope, str] | None:
+        """The response cache's exact entry for this turn — (its scope, its key) — to GET before
+        queueing (``EdgeTurn.is_cacheable``); None when the answer would not be cached."""
+        inputs = engine.inputs_from(self.job, bot, self.records[:-1], summary="", summary_until_ts=0)
+        lookup = engine.cache_request(self.job, inputs)
+        if lookup is None:
+            return None
+        key = cache.exact_entry_key(lookup.scope, exact=lookup.exact, cache_settings=inputs.cache)
+        return None if key is None else (lookup.scope, key)
+
+    async def start(self, redis, *, hit: CachedAnswer | None, headers: dict) -> AsyncStartedTurn:
+        """Queue the turn in a transaction of its own (or its cached answer, ``hit``)."""
+        async with redis.pipeline(transaction=True) as pipe:
+            self.queue(pipe, hit=hit)
+            replies = await pipe.execute()
+        return await self.started(replies, headers=headers, redis=redis)
 
     def queue(self, pipe, *, hit: CachedAnswer | None = None, first: int = 0) -> None:
         """The messages (and the conversation's row) for the batch writer and the hot store, the
@@ -326,7 +344,7 @@ class EdgeTurn:
             is_new_conversation=True,
             conversation=self.conversation,
         )
-        self.outcome, created_reply = _queue_turn(
+        self.outcome, created_reply, events = _queue_turn(
             pipe,
             job,
             owner=self.owner,
@@ -339,14 +357,18 @@ class EdgeTurn:
             started_at=self.started_at,
         )
         self.created_reply = created_reply - first
+        self.cached_events = [(index - first, event_type, data) for index, event_type, data in events]
 
-    async def started(self, replies: list, *, headers: dict) -> AsyncStartedTurn:
-        """The turn, from its transaction's replies; a cached answer settled with the gateway."""
+    async def started(self, replies: list, *, headers: dict, redis) -> AsyncStartedTurn:
+        """The turn, from its transaction's replies; a cached answer settled with the gateway (in
+        one round trip), its events handed back with their entry ids."""
         job = self.job
         if self.outcome is not None:
             engine.record_metrics(job, self.outcome)
             try:
-                await gateway.settle(job.gateway, **engine.settlement(job, self.outcome))
+                async with redis.pipeline(transaction=False) as pipe:
+                    settlement = gateway.settle_queue(pipe, job.gateway, **engine.settlement(job, self.outcome))
+                    await settlement.finish(await execute_with_scripts(pipe, redis))
             except Exception:  # bookkeeping must not fail an answer already given
                 logger.exception("edge_cache_settle_failed", generation_id=job.generation_id)
         return AsyncStartedTurn(
@@ -356,6 +378,10 @@ class EdgeTurn:
             headers=headers,
             cache_layer=self.hit.layer if self.hit is not None else None,
             created_event_id=entry_id_of(replies[self.created_reply]),
+            events=[
+                StreamEvent(id=entry_id_of(replies[index]), type=event_type, data=data)
+                for index, event_type, data in self.cached_events
+            ],
         )
 
 
@@ -367,19 +393,15 @@ class AsyncStartedTurn:
     headers: dict
     cache_layer: str | None  # "exact" when the edge answered from the response cache
     created_event_id: str  # the stream's first entry (message.created), written with the job
+    events: list[StreamEvent] = field(default_factory=list)  # the cached answer's, when answered so
 
 
-async def _edge_exact_hit_async(job: TurnJob, bot: BotSnapshot, earlier: list[dict], redis) -> CachedAnswer | None:
+async def _edge_exact_hit_async(turn: EdgeTurn, bot: BotSnapshot, redis) -> CachedAnswer | None:
     """``_edge_exact_hit`` for the async edge: the bot's snapshot instead of its row (a cacheable
     turn's: ``EdgeTurn.is_cacheable``)."""
     try:
-        inputs = engine.inputs_from(job, bot, earlier, summary="", summary_until_ts=0)
-        lookup = engine.cache_request(job, inputs)
-        if lookup is None:
-            return None
-        return await cache.exact_lookup_async(
-            lookup.scope, exact=lookup.exact, cache_settings=inputs.cache, redis=redis
-        )
+        lookup = turn.exact_lookup(bot)
+        return None if lookup is None else cache.exact_answer(lookup[0], await redis.get(lookup[1]))
     except redis_exceptions.RedisError:
         logger.warning("edge_cache_lookup_failed", exc_info=True)  # the worker will try again
         return None
@@ -430,7 +452,9 @@ def _enqueue(
         records=[record_of(item) for item in messages],
         is_new_conversation=is_new_conversation,
     )
-    outcome, _created_reply = _queue_turn(pipe, job, owner=owner, created=created, hit=hit, started_at=started_at)
+    outcome, _created_reply, _events = _queue_turn(
+        pipe, job, owner=owner, created=created, hit=hit, started_at=started_at
+    )
     pipe.execute()
     if outcome is not None:
         engine.record_metrics(job, outcome)
@@ -478,8 +502,11 @@ def _edge_exact_hit(job: TurnJob, conversation: Conversation, earlier: list[dict
         return None
 
 
-def _answer_from_cache(pipe, job: TurnJob, hit: CachedAnswer, started_at: float) -> TurnOutcome:
-    """Queue the cached answer's message and its events (the worker's own, chat.engine) on ``pipe``."""
+def _answer_from_cache(
+    pipe, job: TurnJob, hit: CachedAnswer, started_at: float
+) -> tuple[TurnOutcome, list[tuple[int, str, dict]]]:
+    """Queue the cached answer's message and its events (the worker's own, chat.engine) on ``pipe``;
+    returns its outcome and its events (where each one's entry id will be among the replies)."""
     outcome = engine.cached_outcome(hit, started_at)
     answer = engine.answer_record(job, outcome)
     outcome.message_id = answer["id"]
@@ -491,9 +518,11 @@ def _answer_from_cache(pipe, job: TurnJob, hit: CachedAnswer, started_at: float)
         ("token", {"text": outcome.text}),
         ("done", engine.done_event(outcome)),
     ]
+    queued = []
     for event_type, data in events:
+        queued.append((len(pipe), event_type, data))
         pipe.xadd(stream_key, {"type": event_type, "data": orjson.dumps(data)})
-    return outcome
+    return outcome, queued
 
 
 def _settle_cached(job: TurnJob, outcome: TurnOutcome) -> None:

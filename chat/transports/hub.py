@@ -155,6 +155,11 @@ class StreamHub:
             else:
                 _hand_over(subscription, events)
 
+    def hand_over(self, subscription: Subscription, events: list[StreamEvent]) -> None:
+        """Events this process wrote to the subscription's stream itself (a cached answer the edge
+        stored): to its follower, with no read of the stream."""
+        _hand_over(subscription, events)
+
     def mark(self, key: str) -> None:
         self.dirty.add(key)
         self.wake.set()

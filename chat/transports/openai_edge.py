@@ -17,6 +17,7 @@ the same gateway, the same events. ``PARLEY_OPENAI_EDGE=False`` sends everything
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import uuid
@@ -31,7 +32,7 @@ from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chat import gateway, turns
+from chat import cache, gateway, turns
 from chat.gateway import Admission, AdmissionGate, Caller
 from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
@@ -199,9 +200,12 @@ async def _complete(scope: Scope, headers: dict[str, str], raw_key: str, receive
         completion_id = f"chatcmpl-{generation_id.replace('-', '')}"
         created = int(time.time())
         response_headers = {"X-Parley-Generation-Id": generation_id, **turn.headers}
-        if turn.cache_layer is not None:
+        if turn.cache_layer is not None:  # answered at once: nothing will notify
             response_headers["X-Parley-Cache"] = turn.cache_layer
-            hub.mark(turn.stream_key)  # answered at once, nothing will notify: read it now
+            if turn.events:
+                hub.hand_over(subscription, turn.events)  # the events this process wrote
+            else:
+                hub.mark(turn.stream_key)  # read them now
         if data["stream"]:
             await _stream(send, subscription, data, completion_id, created, bot.public_id, response_headers, started)
             return 200
@@ -262,8 +266,9 @@ async def _begin_known(
     """``_admit`` and the turn's start in one round trip, for a key this process accepted before:
     checked here against what it knows (tenants.authentication.api_key_known), confirmed
     unchanged and admitted in the round trip that queues the turn, behind chat.gateway's
-    AdmissionGate. A turn that may be answered from the response cache (looked up first), or
-    whose gate did not hold, is queued in a round trip of its own once admitted. None — after
+    AdmissionGate. A turn that may be answered from the response cache (its exact entry read in
+    the admission's round trip), or whose gate did not hold, is queued in a round trip of its own
+    once admitted. None — after
     giving back what the admission took — when anything about the key differs, or the request
     has a fault whose error the full path words: the caller then takes that path."""
     known = api_key_known(raw_key, host=host)
@@ -284,30 +289,35 @@ async def _begin_known(
     if begun is None:
         await hub.unsubscribe(subscription)
         return None
-    return _Begun(request, subscription, begun or None)
+    return _Begun(request, subscription, begun)
 
 
 async def _admit_known(
     known, request: _Request, queued, gate: AdmissionGate | None, client_ip: str, redis, inbox: str, generation_id: str
-) -> turns.AsyncStartedTurn | bool | None:
-    """The round trip of ``_begin_known``: the started turn when the gate held; False when the
-    request was admitted without it (``request.admission`` set: the turn is still to queue);
-    None when the key is to be checked the full way."""
-    turn = None
+) -> turns.AsyncStartedTurn | None:
+    """The round trip of ``_begin_known``, and the turn's own when it needs one (a cacheable turn,
+    whose exact cache entry is read in the admission's; a gate that did not hold): the started
+    turn, or None when the key is to be checked the full way."""
+    lookup = None
     try:
         async with redis.pipeline(transaction=False) as pipe:
             if gate is not None:
                 gate.watch(pipe)
             confirmation = api_key_confirm_queue(pipe, known, client_ip=client_ip, peek=gate is None)
             queued.queue(pipe, marker=gate.marker if gate is not None else None)
+            turn = turns.edge_turn_prepare(
+                **request.turn_fields(), ticket=queued.ticket, generation_id=generation_id, inbox=inbox
+            )
             if gate is not None:
                 keys, values, absent = api_key_unchanged_condition(known, client_ip=client_ip)
                 gate.check(pipe, queued, keys=keys, values=values, absent=absent)
-                turn = turns.edge_turn_prepare(
-                    **request.turn_fields(), ticket=queued.ticket, generation_id=generation_id, inbox=inbox
-                )
                 turn.queue(pipe, first=gate.begin(pipe))
                 gate.commit(pipe)
+            else:
+                lookup = turn.exact_lookup(request.bot)
+                lookup_index = len(pipe)
+                if lookup is not None:
+                    pipe.get(lookup[1])
             replies = await pipe.execute(raise_on_error=False)
     except (RedisConnectionError, RedisTimeoutError):
         return None  # the full path has the rules for Redis being away
@@ -318,10 +328,14 @@ async def _admit_known(
     if committed is None and not is_confirmed:
         await queued.undo(replies)
         return None
-    request.admission = await queued.finish(replies)
-    if committed is None:
-        return False
-    return await turn.started(committed, headers=request.admission.headers)
+    admission = request.admission = await queued.finish(replies)
+    if committed is not None:
+        return await turn.started(committed, headers=admission.headers, redis=redis)
+    hit = None
+    if lookup is not None and not isinstance(replies[lookup_index], Exception):
+        hit = cache.exact_answer(lookup[0], replies[lookup_index])
+    turn.job = dataclasses.replace(turn.job, gateway=admission.ticket)  # (a fallback may have re-reserved)
+    return await turn.start(redis, hit=hit, headers=admission.headers)
 
 
 async def _read_request(tenant, epoch: bytes, context, body: bytes) -> _Request:

@@ -558,13 +558,13 @@ def _turns_started_apart(monkeypatch) -> list:
     from chat import turns
 
     started = []
-    real = turns.turn_start_from_messages_async
+    real = turns.EdgeTurn.start
 
-    async def recorded(**kwargs):
-        started.append(kwargs["generation_id"])
-        return await real(**kwargs)
+    async def recorded(self, *args, **kwargs):
+        started.append(self.job.generation_id)
+        return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(turns, "turn_start_from_messages_async", recorded)
+    monkeypatch.setattr(turns.EdgeTurn, "start", recorded)
     return started
 
 
@@ -682,3 +682,43 @@ async def test_a_known_keys_gate_that_fails_for_lost_scripts_still_queues_the_tu
     assert apart == [generation]
     assert [roles for stored_generation, roles in stored if stored_generation == generation] == [["user", "assistant"]]
     assert len(stored) == 3
+
+
+async def test_a_known_keys_exact_cache_hit_is_looked_up_in_the_admissions_round_trip(
+    worker, live, django_db_blocker, monkeypatch
+):
+    """A cacheable request (temperature 0) skips the gate: its exact cache entry is read in the
+    admission's round trip, and a hit is answered by the edge — stored, settled, and streamed from
+    the events the edge wrote, with no read of the stream."""
+    from chat.transports.hub import StreamHub
+
+    reads = []
+    real_fetch = StreamHub._fetch
+
+    async def recorded_fetch(self, keys):
+        reads.extend(keys)
+        return await real_fetch(self, keys)
+
+    monkeypatch.setattr(StreamHub, "_fetch", recorded_fetch)
+    apart = _turns_started_apart(monkeypatch)
+    with django_db_blocker.unblock():
+        responses = [await _post(live, _request(live, temperature=0)) for _ in range(3)]
+        streamed = await _post(live, _request(live, temperature=0, stream=True))
+
+    assert [response.headers["x-parley-cache"] for response in responses] == ["miss", "exact", "exact"]
+    answers = [response.json()["choices"][0]["message"]["content"] for response in responses]
+    assert "original card" in answers[0]
+    assert answers[1] == answers[2] == answers[0]
+    assert streamed.headers["x-parley-cache"] == "exact"
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {") and json.loads(line[6:])["choices"]
+    )
+    assert text == answers[0]
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    # Every turn is queued in a transaction of its own (a cacheable turn is not gated), and no
+    # hit's stream was read back: the edge handed its own events over.
+    assert len(apart) == 4
+    hits = [responses[1], responses[2], streamed]
+    assert not any(response.headers["x-parley-generation-id"] in key for key in reads for response in hits)

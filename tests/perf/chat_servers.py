@@ -231,7 +231,7 @@ def parley_web_start(server: str, *, workers: int, environment: dict[str, str]) 
         return all(_answers(f"{url}/healthz")() for url in group.urls)
 
     _wait_until(all_answer, group, "GET /healthz")
-    if server != "daphne":
+    if server != "daphne" and workers > 1:  # one worker: the server's own process serves
         _wait_for_workers(group, workers)
     return group
 

@@ -3,11 +3,12 @@
 500 ms time to first token, in the same run.
 
 Real processes, as in production: the mock model (``python -m chat.mock_server --ttft-ms 500``),
-one Parley web process (daphne) and one generation worker (``manage.py run_generators``), on the
-bench database and Redis database. The client is the official ``openai`` SDK's transport (httpx,
-one keep-alive connection), one request at a time, the three kinds interleaved round by round so
-that a drift in the machine's load touches them alike. Latency is measured at the client over
-loopback: the server-side time plus well under a millisecond of client and socket.
+one Parley web process (uvicorn, production's server; daphne until 2026-11-22) and one generation
+worker (``manage.py run_generators``), on the bench database and Redis database. The client is
+the official ``openai`` SDK's transport (httpx, one keep-alive connection), one request at a time,
+the three kinds interleaved round by round so that a drift in the machine's load touches them
+alike. Latency is measured at the client over loopback: the server-side time plus well under a
+millisecond of client and socket.
 
 - **miss**: a new question each round (never asked before): admission, the turn stored, a
   generation worker looks both caches up, retrieves nothing (the bot has no knowledge), calls the
@@ -50,7 +51,7 @@ TARGET_SEMANTIC_P50_MS = 20.0
 
 @pytest.fixture
 def cache_bench(tenant_pair, django_db_blocker):
-    """Mock (500 ms TTFT), one daphne and one generation worker; a deterministic bot on the mock."""
+    """Mock (500 ms TTFT), one uvicorn process and one generation worker; a deterministic bot on the mock."""
     mock = chat_servers.mock_start(workers=1, ttft_ms=MOCK_TTFT_MS)
     environment = chat_servers.parley_environment()
     groups = []
@@ -65,7 +66,7 @@ def cache_bench(tenant_pair, django_db_blocker):
             )
     try:
         groups.append(chat_servers.generators_start(processes=1, environment=environment))
-        groups.append(chat_servers.parley_web_start("daphne", workers=1, environment=environment))
+        groups.append(chat_servers.parley_web_start("uvicorn", workers=1, environment=environment))
         yield {"url": groups[-1].urls[0], "bot": bot, "raw_key": raw_key}
     finally:
         for group in [*groups, mock]:
@@ -164,7 +165,7 @@ def test_cache_hits_end_to_end_against_a_500ms_model(request, django_db_blocker,
             environment_markdown(environment),
             "",
             f"- Command: `make bench` (ran as `pytest {request.node.nodeid} -s`); mock TTFT {MOCK_TTFT_MS} ms; "
-            "one daphne web process, one generation worker; the openai SDK's transport (httpx), one request at a "
+            "one uvicorn web process, one generation worker; the openai SDK's transport (httpx), one request at a "
             "time, kinds interleaved round by round.",
             f"- Semantic hits: {len(semantic_questions)} of 80 paraphrases passed the verification; "
             f"{len(semantic)}/{len(semantic_queue)} spellings of them hit.",
