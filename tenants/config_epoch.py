@@ -20,9 +20,17 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
+import structlog
 from django.db import transaction
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tenants.errors import ServiceUnavailable
 from tenants.redis import get_redis
+
+logger = structlog.get_logger(__name__)
+
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
 
 EPOCH_KEY = "parley:config:epoch"
 LOCAL_ENTRIES = 10_000  # per cache, per process: least recently used entries go first
@@ -35,10 +43,24 @@ def _new_token() -> bytes:
 def config_changed() -> None:
     """Every process's cached configuration is stale: now, and again once the surrounding
     transaction commits (a reader racing the write could otherwise cache the old rows under the
-    new epoch)."""
+    new epoch).
+
+    With Redis unreachable the change is refused (ServiceUnavailable, 503, raised inside the
+    writer's transaction, which rolls it back): saved, it would stay invisible to every replica
+    that cached the old configuration — a revoked key, a lowered budget — until the next change.
+    The second replacement, after the commit, only logs a failure: the first one has already
+    made every cache stale."""
     redis = get_redis()
-    redis.set(EPOCH_KEY, _new_token())
-    transaction.on_commit(lambda: redis.set(EPOCH_KEY, _new_token()))
+    try:
+        redis.set(EPOCH_KEY, _new_token())
+    except REDIS_UNAVAILABLE as error:
+        logger.warning("config_epoch_unavailable", error=repr(error))
+        raise ServiceUnavailable(
+            "Configuration changes are unavailable while the cache (Redis) cannot be reached; nothing "
+            "was changed. Please try again shortly.",
+            code="config_store_unavailable",
+        ) from error
+    transaction.on_commit(lambda: redis.set(EPOCH_KEY, _new_token()), robust=True)
 
 
 def epoch_sync() -> bytes:

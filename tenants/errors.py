@@ -74,6 +74,14 @@ class Conflict(ParleyError):
     code = "conflict"
 
 
+class ServiceUnavailable(ParleyError):
+    """A dependency (Redis, the database) cannot be reached: nothing was done; try again."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "service_unavailable"
+
+
 def error_body(*, message: str, error_type: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "code": code, "param": param}}
 

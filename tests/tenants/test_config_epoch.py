@@ -103,3 +103,36 @@ def test_cached_billing_policy_puts_each_end_user_in_their_own_budget(tenant_pai
     assert ("end_user", "key:1:bob", 5_000) in bob
     assert not [limit for limit in nobody if limit[0] == "end_user"]
     assert alice == [*nobody, ("end_user", "key:1:alice", 5_000)]
+
+
+def test_a_configuration_change_is_refused_whole_while_redis_is_unreachable(client, tenant_pair, db, monkeypatch):
+    """Saved without a new epoch, a change would stay invisible to every replica that cached the
+    old configuration: the write is refused with a 503 and rolled back, and nothing is lost."""
+    import redis
+
+    from chat.models import Bot
+    from tenants import config_epoch
+    from tests.factories import bearer, make_api_key
+
+    _key, raw = make_api_key(tenant_pair.a)
+    created = client.post("/api/v1/bots/", {"name": "Support"}, content_type="application/json", **bearer(raw))
+    bot_id = created.json()["id"]
+    epoch = get_redis().get(EPOCH_KEY)
+    # The epoch's writes go to a Redis that refuses connections (requests still authenticate).
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    monkeypatch.setattr(config_epoch, "get_redis", lambda: unreachable)
+
+    renamed = client.patch(
+        f"/api/v1/bots/{bot_id}/", {"name": "Renamed"}, content_type="application/json", **bearer(raw)
+    )
+    another = client.post("/api/v1/bots/", {"name": "Another"}, content_type="application/json", **bearer(raw))
+
+    assert created.status_code == 201
+    assert renamed.status_code == another.status_code == 503
+    assert renamed.json()["error"]["code"] == "config_store_unavailable"
+    assert "nothing was changed" in renamed.json()["error"]["message"]
+    with tenant_context(tenant_pair.a):
+        assert list(Bot.objects.filter(name__in=["Support", "Renamed", "Another"]).values_list("name", flat=True)) == [
+            "Support"
+        ]
+    assert get_redis().get(EPOCH_KEY) == epoch
