@@ -237,3 +237,31 @@ async def test_closed_cache_skips_the_store_until_a_failure(clock):
     await breaker.admit(KEY)
 
     assert CountingStore.admits == 2
+
+
+async def test_admissions_that_arrive_while_the_store_is_asked_share_a_clean_answer(clock):
+    """A busy worker's turns arrive while the first of them waits for Redis: one store call serves
+    them all when the circuit is clean — and none when it is half-open, whose probe is one call's."""
+    store = RedisCircuitStore(get_async_redis())
+    asked = []
+    real_admit = store.admit
+
+    async def slow_admit(key, *, now, probe_timeout):
+        asked.append(key)
+        await asyncio.sleep(0.05)  # a reply late on a loaded event loop
+        return await real_admit(key, now=now, probe_timeout=probe_timeout)
+
+    store.admit = slow_admit
+    policy = CircuitPolicy(failure_threshold=1, cooldown_seconds=30.0)
+    breaker = CircuitBreaker(store, policy=policy, clock=clock, closed_cache_seconds=1.0)
+    clean, tripped = circuit_key("test-clean"), circuit_key("test-tripped")
+
+    together = await asyncio.gather(*(breaker.admit(clean) for _ in range(20)))
+    await breaker.record_failure(tripped)
+    clock.advance(31)  # past the cool-down: half-open, one probe allowed
+    probes = await asyncio.gather(*(breaker.admit(tripped) for _ in range(5)))
+
+    assert all(admission.is_allowed for admission in together)
+    assert asked.count(clean) == 1
+    assert asked.count(tripped) == 5  # each asked for itself
+    assert [admission.is_allowed for admission in probes].count(True) == 1
