@@ -44,7 +44,7 @@ from django.db.models import F, OuterRef, Subquery, Sum
 from billing.models import ApiKeyBudget, BudgetAlert, Plan, TenantBilling, UsageDaily, UsageRecord
 from tenants.config_epoch import EpochCache
 from tenants.errors import ParleyError
-from tenants.redis import get_loop_redis, get_redis, script_queue, script_sha, tenant_key
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, script_queue, script_sha, tenant_key
 
 logger = structlog.get_logger(__name__)
 
@@ -60,7 +60,6 @@ DEFAULT_RESERVATION_TTL_SECONDS = 2 * 86_400
 DEFAULT_RESERVATION_STALE_SECONDS = 15 * 60  # far beyond any generation's timeouts and retries
 INIT_ATTEMPTS = 3  # initialise missing counters, then retry: twice is enough unless Redis is flapping
 EXPIRE_BATCH = 1_000  # stale reservations released per tenant per sweep
-REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from tenants.redis import get_loop_redis, get_redis, stream_batch_read
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, stream_batch_read
 
 logger = structlog.get_logger(__name__)
 
@@ -44,7 +44,6 @@ DEFAULT_CLAIM_IDLE_SECONDS = 60
 # 15 columns a row: 4,000 rows stay well under PostgreSQL's 65,535 parameters per statement.
 MAX_BATCH_SIZE = 4_000
 MAX_TOKENS = 2**31 - 1  # the columns are PostgreSQL integers
-REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)

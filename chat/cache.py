@@ -401,21 +401,8 @@ async def cache_lookup(
 def exact_lookup(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis) -> CachedAnswer | None:
     """The exact layer alone, for synchronous callers (the web edge answers exact hits itself):
     one GET. Counts a lookup only on a hit; a miss is looked up again, and counted, by the worker."""
-    if not _resolved(cache_settings)["enabled"]:
-        return None
-    payload = redis.get(_prefix(scope.schema_name) + _exact_member(exact))
-    if payload is None:
-        return None
-    LOOKUPS.labels(scope.schema_name, "exact", "hit").inc()
-    return _answer(payload, layer="exact", similarity=None)
-
-
-async def exact_lookup_async(
-    scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis: aioredis.Redis
-) -> CachedAnswer | None:
-    """``exact_lookup`` on an asyncio client (the async edge)."""
     key = exact_entry_key(scope, exact=exact, cache_settings=cache_settings)
-    return None if key is None else exact_answer(scope, await redis.get(key))
+    return None if key is None else exact_answer(scope, redis.get(key))
 
 
 def exact_entry_key(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any]) -> str | None:

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from billing.budgets import (
     BillingPolicy,
@@ -55,7 +53,7 @@ from billing.ratelimit import (
     tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
-from tenants.redis import get_loop_redis, tenant_key
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, tenant_key
 
 CHARS_PER_TOKEN = 4  # the estimate before a call; the provider's usage settles it after
 RATE_LIMIT_FIELDS = (
@@ -181,7 +179,7 @@ async def admit_async(*, caller: Caller, prompt_chars: int, max_tokens: int | No
         queued.queue(pipe)
         try:
             replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
-        except (RedisConnectionError, RedisTimeoutError):
+        except REDIS_UNAVAILABLE:
             replies = None
     return await queued.finish(replies)
 
@@ -350,8 +348,7 @@ class AdmissionGate:
 
     poison: str
     marker: str
-    watch_index: int = 0
-    exec_index: int = 0
+    exec_index: int = 0  # where the EXEC's reply is among the pipeline's
 
     @classmethod
     def of(cls, queued: QueuedAdmission) -> AdmissionGate:
@@ -360,7 +357,6 @@ class AdmissionGate:
 
     def watch(self, pipe) -> None:
         """First on the pipeline. (Queued as it is: redis-py would run a WATCH at once.)"""
-        self.watch_index = len(pipe)
         pipe.pipeline_execute_command("WATCH", self.poison)
 
     def check(self, pipe, queued: QueuedAdmission, *, keys: list[str], values: list[bytes], absent: str) -> None:

@@ -224,7 +224,7 @@ async def turn_start_from_messages_async(
         generation_id=generation_id,
         inbox=inbox,
     )
-    hit = await _edge_exact_hit_async(turn, bot, redis) if turn.is_cacheable else None
+    hit = await _edge_exact_hit_async(turn, bot, redis) if edge_is_cacheable(bot, overrides) else None
     return await turn.start(redis, hit=hit, headers=admission.headers)
 
 
@@ -283,12 +283,12 @@ def edge_turn_prepare(
             ts=timestamp_of(now),
         ),
         owner={"conversation_id": conversation_id, "end_user_kind": end_user.kind, "end_user_id": end_user.id[:200]},
-        is_cacheable=edge_is_cacheable(bot, overrides),
     )
 
 
 def edge_is_cacheable(bot: BotSnapshot, overrides: dict) -> bool:
-    """Whether an exact response-cache hit is possible for the edge's turn (looked up first)."""
+    """Whether an exact response-cache hit is possible for the edge's turn: its entry is then
+    looked up (``EdgeTurn.exact_lookup``) before the turn is queued."""
     return cache.is_cacheable({**bot.generation, **overrides}, cache_settings=bot.cache)
 
 
@@ -301,7 +301,6 @@ class EdgeTurn:
     records: list[dict]
     conversation: dict
     owner: dict
-    is_cacheable: bool  # an exact response-cache hit is possible: look it up before queueing
     started_at: float = 0.0
     outcome: TurnOutcome | None = None
     hit: CachedAnswer | None = None
@@ -314,7 +313,7 @@ class EdgeTurn:
 
     def exact_lookup(self, bot: BotSnapshot) -> tuple[cache.CacheScope, str] | None:
         """The response cache's exact entry for this turn — (its scope, its key) — to GET before
-        queueing (``EdgeTurn.is_cacheable``); None when the answer would not be cached."""
+        queueing (``edge_is_cacheable``); None when the answer would not be cached."""
         inputs = engine.inputs_from(self.job, bot, self.records[:-1], summary="", summary_until_ts=0)
         lookup = engine.cache_request(self.job, inputs)
         if lookup is None:
@@ -398,7 +397,7 @@ class AsyncStartedTurn:
 
 async def _edge_exact_hit_async(turn: EdgeTurn, bot: BotSnapshot, redis) -> CachedAnswer | None:
     """``_edge_exact_hit`` for the async edge: the bot's snapshot instead of its row (a cacheable
-    turn's: ``EdgeTurn.is_cacheable``)."""
+    turn's: ``edge_is_cacheable``)."""
     try:
         lookup = turn.exact_lookup(bot)
         return None if lookup is None else cache.exact_answer(lookup[0], await redis.get(lookup[1]))

@@ -121,7 +121,7 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     record = record or api_key_resolve(prefix)
     if record is None:
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    identity = f"{prefix}:{client_ip}"
+    identity = _throttle_identity(prefix, client_ip)
     _refuse_if_throttled(auth_failures_exceeded(identity=identity))
     if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
         auth_failure_register(identity=identity)
@@ -129,6 +129,11 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     result = _accepted(record, tenant)
     _touch(record, timezone.now())
     return result
+
+
+def _throttle_identity(prefix: str | None, client_ip: str) -> str:
+    """Who the brute-force limit counts failures of: one client address guessing one key."""
+    return f"{prefix}:{client_ip}"
 
 
 async def api_key_authenticate_async(raw_key: str, *, host: str, client_ip: str, redis):
@@ -139,7 +144,7 @@ async def api_key_authenticate_async(raw_key: str, *, host: str, client_ip: str,
     from billing.ratelimit import auth_failures_peek_queue, auth_failures_retry_after
 
     prefix = api_key_parse_prefix(raw_key)
-    identity = f"{prefix}:{client_ip}"
+    identity = _throttle_identity(prefix, client_ip)
     hostname = tenant_hostname(host)
     resolved = await tenant_and_key_resolve_async(
         hostname, prefix, redis, also=lambda pipe: auth_failures_peek_queue(pipe, identity)
@@ -186,8 +191,9 @@ class KnownKey:
     context: AuthContext
 
     @property
-    def cache_keys(self) -> list[str]:
-        return resolution_cache_keys(self.hostname, self.record.prefix)
+    def confirmation_keys(self) -> list[str]:
+        """The keys whose values it rests on (``raws``, then ``epoch``)."""
+        return [*resolution_cache_keys(self.hostname, self.record.prefix), EPOCH_KEY]
 
 
 KNOWN_KEYS = 10_000  # per process; the oldest go first
@@ -229,9 +235,9 @@ def api_key_confirm_queue(pipe, known: KnownKey, *, client_ip: str, peek: bool =
     from billing.ratelimit import auth_failures_peek_queue
 
     first = len(pipe)
-    pipe.mget([*known.cache_keys, EPOCH_KEY])
+    pipe.mget(known.confirmation_keys)
     if peek:
-        auth_failures_peek_queue(pipe, f"{known.record.prefix}:{client_ip}")
+        auth_failures_peek_queue(pipe, _throttle_identity(known.record.prefix, client_ip))
     return QueuedConfirmation(first=first, has_peek=len(pipe) > first + 1)
 
 
@@ -243,9 +249,9 @@ def api_key_unchanged_condition(known: KnownKey, *, client_ip: str) -> tuple[lis
     from billing.ratelimit import auth_failure_key
 
     return (
-        [*known.cache_keys, EPOCH_KEY],
+        known.confirmation_keys,
         [*known.raws, known.epoch],
-        auth_failure_key(f"{known.record.prefix}:{client_ip}"),
+        auth_failure_key(_throttle_identity(known.record.prefix, client_ip)),
     )
 
 
@@ -259,7 +265,7 @@ async def api_key_confirmed(
     limit is asked now."""
     from billing.ratelimit import auth_failures_exceeded_async, auth_failures_retry_after
 
-    identity = f"{known.record.prefix}:{client_ip}"
+    identity = _throttle_identity(known.record.prefix, client_ip)
     values = replies[queued.first]
     is_same = isinstance(values, list) and tuple(values[:-1]) == known.raws and values[-1] == known.epoch
     if is_same and not is_unthrottled:
@@ -293,7 +299,7 @@ async def api_key_verify_async(
     prefix = api_key_parse_prefix(raw_key)
     if prefix is None or record is None:
         raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    identity = f"{prefix}:{client_ip}"
+    identity = _throttle_identity(prefix, client_ip)
     _refuse_if_throttled(retry_after)
     if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
         await auth_failure_register_async(identity=identity)

@@ -22,15 +22,11 @@ from typing import Any
 
 import structlog
 from django.db import transaction
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tenants.errors import ServiceUnavailable
-from tenants.redis import get_redis
+from tenants.redis import REDIS_UNAVAILABLE, get_redis
 
 logger = structlog.get_logger(__name__)
-
-REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
 
 EPOCH_KEY = "parley:config:epoch"
 LOCAL_ENTRIES = 10_000  # per cache, per process: least recently used entries go first

@@ -18,6 +18,8 @@ from django.conf import settings
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 
+# Redis down or too slow to answer: callers fall back (or refuse, with a 503) rather than fail.
+REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 REDIS_SOCKET_TIMEOUT = 30
 PURGE_BATCH = 500  # keys per UNLINK: large enough to be quick, small enough not to block Redis
 

@@ -32,7 +32,7 @@ from django_tenants.utils import schema_context
 from chat.memory import hot_store
 from chat.memory import records as message_records
 from chat.models import Conversation, Message
-from tenants.redis import get_loop_redis, get_redis, stream_batch_read
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, stream_batch_read
 
 logger = structlog.get_logger(__name__)
 
@@ -41,7 +41,6 @@ DEAD_LETTER_STREAM = "parley:messages:dead"
 FLUSH_GROUP = "message-flush"
 # 17 columns a row: 3,000 rows stay well under PostgreSQL's 65,535 parameters per statement.
 MAX_BATCH_SIZE = 3_000
-REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def default_consumer() -> str:

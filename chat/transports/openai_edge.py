@@ -29,8 +29,6 @@ import orjson
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat import cache, gateway, turns
 from chat.gateway import Admission, AdmissionGate, Caller
@@ -65,7 +63,7 @@ from tenants.errors import (
     error_body,
     flatten_validation,
 )
-from tenants.redis import get_loop_redis
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis
 from tenants.services import api_key_parse_prefix
 
 logger = structlog.get_logger(__name__)
@@ -268,9 +266,9 @@ async def _begin_known(
     unchanged and admitted in the round trip that queues the turn, behind chat.gateway's
     AdmissionGate. A turn that may be answered from the response cache (its exact entry read in
     the admission's round trip), or whose gate did not hold, is queued in a round trip of its own
-    once admitted. None — after
-    giving back what the admission took — when anything about the key differs, or the request
-    has a fault whose error the full path words: the caller then takes that path."""
+    once admitted. None — after giving back what the admission took — when anything about the key
+    differs, or the request has a fault whose error the full path words: the caller then takes
+    that path."""
     known = api_key_known(raw_key, host=host)
     if known is None:
         return None
@@ -319,7 +317,7 @@ async def _admit_known(
                 if lookup is not None:
                     pipe.get(lookup[1])
             replies = await pipe.execute(raise_on_error=False)
-    except (RedisConnectionError, RedisTimeoutError):
+    except REDIS_UNAVAILABLE:
         return None  # the full path has the rules for Redis being away
     committed = gate.committed(replies) if gate is not None else None
     is_confirmed = await api_key_confirmed(
