@@ -22,7 +22,7 @@ import structlog
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from chat import cache, gateway, metrics, selectors, snapshots
+from chat import gateway, metrics, response_cache, selectors, snapshots
 from chat.memory import history, hot_store, persistence
 from chat.memory.records import record_new, timestamp_of
 from chat.models import Bot, Conversation, Message
@@ -547,37 +547,37 @@ def settlement(job: TurnJob, outcome: TurnOutcome) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class CacheRequest:
-    scope: cache.CacheScope
+    scope: response_cache.CacheScope
     exact: str
     question: str | None  # for the semantic layer: only when the answer cannot depend on history
 
 
 def cache_request(job: TurnJob, inputs: TurnInputs) -> CacheRequest | None:
     generation = {**inputs.generation, **job.overrides}
-    if not cache.is_cacheable(generation, cache_settings=inputs.cache):
+    if not response_cache.is_cacheable(generation, cache_settings=inputs.cache):
         return None
-    scope = cache.CacheScope(
+    scope = response_cache.CacheScope(
         schema_name=job.schema_name,
         bot_id=inputs.bot_id,
         bot_version=inputs.bot_version,
         knowledge_signature=inputs.knowledge_signature,
-        generation_signature=cache.generation_digest(generation),
+        generation_signature=response_cache.generation_digest(generation),
     )
-    exact = cache.exact_key(
+    exact = response_cache.exact_key(
         scope,
         system_prompt=inputs.system_prompt,
         history=inputs.history,
         user_message=inputs.user_content,
         generation=generation,
     )
-    is_faq = bool({**cache.CACHE_SETTINGS_DEFAULTS, **inputs.cache}.get("faq_mode"))
+    is_faq = bool({**response_cache.CACHE_SETTINGS_DEFAULTS, **inputs.cache}.get("faq_mode"))
     question = inputs.user_content if (not inputs.history or is_faq) else None
     return CacheRequest(scope=scope, exact=exact, question=question)
 
 
-async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> cache.CachedAnswer | None:
+async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> response_cache.CachedAnswer | None:
     try:
-        return await cache.cache_lookup(
+        return await response_cache.cache_lookup(
             lookup.scope, exact=lookup.exact, question=lookup.question, cache_settings=inputs.cache, redis=redis
         )
     except Exception:
@@ -588,7 +588,7 @@ async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> cach
 async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, redis) -> None:
     usage = outcome.usage
     try:
-        await cache.cache_store(
+        await response_cache.cache_store(
             lookup.scope,
             exact=lookup.exact,
             question=lookup.question,
@@ -611,7 +611,7 @@ async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOu
 _CACHED_PIECE = re.compile(r"\s*\S+\s*")
 
 
-def cached_outcome(hit: cache.CachedAnswer, started: float) -> TurnOutcome:
+def cached_outcome(hit: response_cache.CachedAnswer, started: float) -> TurnOutcome:
     """A cache hit as a turn's outcome (the worker streams it; the web edge answers with it)."""
     usage = hit.usage or {}
     elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
@@ -633,7 +633,9 @@ def cached_outcome(hit: cache.CachedAnswer, started: float) -> TurnOutcome:
     )
 
 
-async def _serve_cached(hit: cache.CachedAnswer, publisher: CoalescingPublisher, started: float) -> TurnOutcome:
+async def _serve_cached(
+    hit: response_cache.CachedAnswer, publisher: CoalescingPublisher, started: float
+) -> TurnOutcome:
     """The stored answer through the same events as a generated one (tokens, citations, done)."""
     outcome = cached_outcome(hit, started)
     for citation in outcome.citations:

@@ -17,13 +17,13 @@ from django.db import connection
 from django.utils import timezone
 from redis import exceptions as redis_exceptions
 
-from chat import cache, engine, gateway
-from chat.cache import CachedAnswer
+from chat import engine, gateway, response_cache
 from chat.engine import TurnJob, TurnOutcome
 from chat.gateway import Admission, Caller, admit
 from chat.memory import persistence
 from chat.memory.records import message_of, record_new, record_of, timestamp_of
 from chat.models import Bot, Conversation, Message
+from chat.response_cache import CachedAnswer
 from chat.selectors import EndUser
 from chat.snapshots import BotSnapshot
 from chat.streams import (
@@ -289,7 +289,7 @@ def edge_turn_prepare(
 def edge_is_cacheable(bot: BotSnapshot, overrides: dict) -> bool:
     """Whether an exact response-cache hit is possible for the edge's turn: its entry is then
     looked up (``EdgeTurn.exact_lookup``) before the turn is queued."""
-    return cache.is_cacheable({**bot.generation, **overrides}, cache_settings=bot.cache)
+    return response_cache.is_cacheable({**bot.generation, **overrides}, cache_settings=bot.cache)
 
 
 @dataclass(slots=True)
@@ -311,14 +311,14 @@ class EdgeTurn:
     def stream_key(self) -> str:
         return generation_stream_key(self.job.schema_name, self.job.generation_id)
 
-    def exact_lookup(self, bot: BotSnapshot) -> tuple[cache.CacheScope, str] | None:
+    def exact_lookup(self, bot: BotSnapshot) -> tuple[response_cache.CacheScope, str] | None:
         """The response cache's exact entry for this turn — (its scope, its key) — to GET before
         queueing (``edge_is_cacheable``); None when the answer would not be cached."""
         inputs = engine.inputs_from(self.job, bot, self.records[:-1], summary="", summary_until_ts=0)
         lookup = engine.cache_request(self.job, inputs)
         if lookup is None:
             return None
-        key = cache.exact_entry_key(lookup.scope, exact=lookup.exact, cache_settings=inputs.cache)
+        key = response_cache.exact_entry_key(lookup.scope, exact=lookup.exact, cache_settings=inputs.cache)
         return None if key is None else (lookup.scope, key)
 
     async def start(self, redis, *, hit: CachedAnswer | None, headers: dict) -> AsyncStartedTurn:
@@ -400,7 +400,7 @@ async def _edge_exact_hit_async(turn: EdgeTurn, bot: BotSnapshot, redis) -> Cach
     turn's: ``edge_is_cacheable``)."""
     try:
         lookup = turn.exact_lookup(bot)
-        return None if lookup is None else cache.exact_answer(lookup[0], await redis.get(lookup[1]))
+        return None if lookup is None else response_cache.exact_answer(lookup[0], await redis.get(lookup[1]))
     except redis_exceptions.RedisError:
         logger.warning("edge_cache_lookup_failed", exc_info=True)  # the worker will try again
         return None
@@ -486,7 +486,7 @@ def _edge_exact_hit(job: TurnJob, conversation: Conversation, earlier: list[dict
     inputs, chat.engine.inputs_for); a miss goes to the worker, which also tries the semantic
     layer. Only for bots whose answers are cacheable, so that others pay nothing for it."""
     bot = conversation.bot
-    if not cache.is_cacheable({**bot.generation, **job.overrides}, cache_settings=bot.cache or {}):
+    if not response_cache.is_cacheable({**bot.generation, **job.overrides}, cache_settings=bot.cache or {}):
         return None
     try:
         if earlier is None:
@@ -495,7 +495,9 @@ def _edge_exact_hit(job: TurnJob, conversation: Conversation, earlier: list[dict
         lookup = engine.cache_request(job, inputs)
         if lookup is None:
             return None
-        return cache.exact_lookup(lookup.scope, exact=lookup.exact, cache_settings=inputs.cache, redis=get_redis())
+        return response_cache.exact_lookup(
+            lookup.scope, exact=lookup.exact, cache_settings=inputs.cache, redis=get_redis()
+        )
     except redis_exceptions.RedisError:
         logger.warning("edge_cache_lookup_failed", exc_info=True)  # the worker will try again
         return None

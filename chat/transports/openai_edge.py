@@ -30,7 +30,7 @@ import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chat import cache, gateway, turns
+from chat import gateway, response_cache, turns
 from chat.gateway import Admission, AdmissionGate, Caller
 from chat.metrics import EDGE_REQUESTS, EDGE_SECONDS
 from chat.selectors import EndUser
@@ -331,7 +331,7 @@ async def _admit_known(
         return await turn.started(committed, headers=admission.headers, redis=redis)
     hit = None
     if lookup is not None and not isinstance(replies[lookup_index], Exception):
-        hit = cache.exact_answer(lookup[0], replies[lookup_index])
+        hit = response_cache.exact_answer(lookup[0], replies[lookup_index])
     turn.job = dataclasses.replace(turn.job, gateway=admission.ticket)  # (a fallback may have re-reserved)
     return await turn.start(redis, hit=hit, headers=admission.headers)
 

@@ -11,19 +11,17 @@ import dataclasses
 import pytest
 from prometheus_client import REGISTRY
 
-from chat.cache import (
-    _SYNONYM_GROUPS,
+from chat.response_cache import (
     CACHE_SETTINGS_DEFAULTS,
     CacheScope,
-    _term,
     cache_lookup,
     cache_settings_validate,
     cache_store,
     exact_key,
     generation_digest,
     is_cacheable,
-    paraphrase_rejection,
 )
+from chat.response_cache.verification import _SYNONYM_GROUPS, _term, paraphrase_rejection
 from tenants.errors import ValidationFailed
 from tenants.redis import get_async_redis
 
@@ -402,7 +400,7 @@ async def test_expired_entries_are_not_served_and_are_dropped_by_the_next_store(
 
 
 def _answers_key(_redis) -> str:
-    from chat.cache import _semantic_member
+    from chat.response_cache.keys import _semantic_member
 
     return f"t:{SCHEMA_A}:cache:{_semantic_member(SCOPE)}:a"
 

@@ -36,8 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-from chat import cache
-from chat.cache import CacheScope, cache_lookup, cache_settings_validate, cache_store, exact_key
+from chat.response_cache import (
+    CacheScope,
+    cache_lookup,
+    cache_settings_validate,
+    cache_store,
+    embeddings,
+    exact_key,
+    keys,
+    semantic,
+    verification,
+)
 from tenants.redis import get_async_redis, tenant_key, tenant_keys_purge
 from tests.perf.reporting import (
     Distribution,
@@ -134,7 +143,8 @@ def _gate_rows(pairs: list[dict], similarity: dict[str, float]) -> list[list[str
     rows = []
     for gate in GATES:
         hit = {
-            pair["id"]: similarity[pair["id"]] >= gate and cache.paraphrase_rejection(pair["a"], pair["b"]) is None
+            pair["id"]: similarity[pair["id"]] >= gate
+            and verification.paraphrase_rejection(pair["a"], pair["b"]) is None
             for pair in pairs
         }
         row = [f"verified, gate {gate:.2f}"]
@@ -154,9 +164,9 @@ async def _pairwise(redis, pairs: list[dict]) -> dict[str, dict]:
         scope = _scope(bot_id)
         await _store(redis, scope, pair["a"])
         answer = await _ask(redis, scope, pair["b"])
-        similarity = float(cache.question_vector(pair["a"]) @ cache.question_vector(pair["b"]))
+        similarity = float(embeddings.question_vector(pair["a"]) @ embeddings.question_vector(pair["b"]))
         reason = (
-            cache.paraphrase_rejection(pair["a"], pair["b"])
+            verification.paraphrase_rejection(pair["a"], pair["b"])
             if similarity >= SETTINGS["similarity_threshold"]
             else "below gate"
         )
@@ -227,9 +237,9 @@ async def _latency(redis) -> dict[str, Distribution]:
     # The filled scope's other entries: random unit vectors (never above the gate), written
     # straight into its hashes; embedding 2,000 questions would only slow the set-up.
     generator = np.random.default_rng(7)
-    vectors = generator.standard_normal((FILLED_SCOPE_ENTRIES - 1, cache.EMBEDDING_DIMENSIONS)).astype(np.float32)
+    vectors = generator.standard_normal((FILLED_SCOPE_ENTRIES - 1, embeddings.EMBEDDING_DIMENSIONS)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    scope_key = tenant_key(SCHEMA, "cache", cache._semantic_member(filled))
+    scope_key = tenant_key(SCHEMA, "cache", keys._semantic_member(filled))
     async with redis.pipeline(transaction=False) as pipe:
         for index, vector in enumerate(vectors):
             pipe.hset(scope_key + ":v", f"filler{index}", vector.tobytes())
@@ -243,7 +253,7 @@ async def _latency(redis) -> dict[str, Distribution]:
     async def semantic_hit(scope: CacheScope, *, words: bool = False, scopes: bool = False) -> None:
         # The question is embedded every time (a new question's path); the verification's word
         # vectors and the scope's vectors stay in a running process unless cleared here.
-        cache.vector_caches_clear(questions=True, words=words, scopes=scopes)
+        semantic.vector_caches_clear(questions=True, words=words, scopes=scopes)
         assert (await _ask(redis, scope, asked)).layer == "semantic"
 
     filled_name = f"semantic hit, {FILLED_SCOPE_ENTRIES:,} entries in scope"
@@ -280,7 +290,8 @@ def test_semantic_cache_hit_rates_and_latency(django_db_setup, django_db_blocker
     pairs = _pairs()
     counts = Counter(pair["kind"] for pair in pairs)
     similarity = {
-        pair["id"]: float(cache.question_vector(pair["a"]) @ cache.question_vector(pair["b"])) for pair in pairs
+        pair["id"]: float(embeddings.question_vector(pair["a"]) @ embeddings.question_vector(pair["b"]))
+        for pair in pairs
     }
     tenant_keys_purge(SCHEMA)
     try:
@@ -322,8 +333,8 @@ def test_semantic_cache_hit_rates_and_latency(django_db_setup, django_db_blocker
     word_step_decided = [
         pair["id"]
         for pair in pairs
-        if cache.paraphrase_rejection(pair["a"], pair["b"])
-        != cache.paraphrase_rejection(pair["a"], pair["b"], word_similarity=lambda words: [0.0] * len(words))
+        if verification.paraphrase_rejection(pair["a"], pair["b"])
+        != verification.paraphrase_rejection(pair["a"], pair["b"], word_similarity=lambda words: [0.0] * len(words))
     ]
     all_near = design["all"]["near_miss"]
     upper = _upper_95(all_near["hits"], all_near["total"])
@@ -373,7 +384,7 @@ paraphrases, so no cosine threshold separates them.
   {_rate(**design_all["distinct"])}. False hits: {listed_false_hits or "none"}.
 - Paraphrases missed, by the first rule that turned them away: {missed_text}.
 - Near-misses turned away by: {rejected_text}.
-- Pairs whose verdict the word-embedding step (pairing words at cosine >= {cache.WORD_SIMILARITY_MIN}) decided:
+- Pairs whose verdict the word-embedding step (pairing words at cosine >= {verification.WORD_SIMILARITY_MIN}) decided:
   {", ".join(word_step_decided) or "none: the synonym lists already fold every pair it would join"}.
 - Shared scope ({shared["stored"]} questions stored in one bot's cache, the second question of every
   pair asked): paraphrases got their own question's answer {shared_paraphrase.get("right", 0)} times,

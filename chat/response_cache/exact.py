@@ -1,0 +1,45 @@
+"""The exact layer: one GET of the answer stored under a request's SHA-256."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chat.response_cache.keys import CachedAnswer, CacheScope, _exact_member, _prefix
+from chat.response_cache.metrics import LOOKUPS
+from chat.response_cache.settings import resolved_settings
+
+
+def answer_from_payload(payload: bytes | str, *, layer: str, similarity: float | None) -> CachedAnswer:
+    data = json.loads(payload)
+    return CachedAnswer(
+        text=data["text"],
+        citations=data["citations"],
+        usage=data["usage"],
+        layer=layer,
+        question=data["question"],
+        similarity=similarity,
+    )
+
+
+def exact_lookup(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis) -> CachedAnswer | None:
+    """The exact layer alone, for synchronous callers (the web edge answers exact hits itself):
+    one GET. Counts a lookup only on a hit; a miss is looked up again, and counted, by the worker."""
+    key = exact_entry_key(scope, exact=exact, cache_settings=cache_settings)
+    return None if key is None else exact_answer(scope, redis.get(key))
+
+
+def exact_entry_key(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any]) -> str | None:
+    """The exact layer's key for a request, for a caller that GETs it in a round trip of its own
+    making (the edge's admission); None when the bot's cache is off."""
+    if not resolved_settings(cache_settings)["enabled"]:
+        return None
+    return _prefix(scope.schema_name) + _exact_member(exact)
+
+
+def exact_answer(scope: CacheScope, payload: bytes | None) -> CachedAnswer | None:
+    """The answer an ``exact_entry_key`` GET found (counted as a hit), or None."""
+    if payload is None:
+        return None
+    LOOKUPS.labels(scope.schema_name, "exact", "hit").inc()
+    return answer_from_payload(payload, layer="exact", similarity=None)
