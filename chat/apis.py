@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -158,7 +158,10 @@ class ConversationListCreateApi(TenantAPIView):
             max_length=100, required=False, help_text="Your own id for the end user (API callers)."
         )
 
-    @extend_schema(responses=ConversationOutputSerializer(many=True))
+    @extend_schema(
+        parameters=[OpenApiParameter("user", str, description="API callers: only this end user's conversations.")],
+        responses=ConversationOutputSerializer(many=True),
+    )
     def get(self, request, bot_id: str):
         bot = selectors.bot_get(public_id=bot_id)
         conversations = selectors.conversation_list(bot=bot, end_user=end_user_of(request, request.GET.get("user")))
@@ -240,7 +243,24 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         messages = selectors.message_list(conversation=conversation)
         return Response({"object": "list", "data": MessageOutputSerializer(messages, many=True).data})
 
-    @extend_schema(request=InputSerializer, responses={200: MessageOutputSerializer})
+    class TurnOutputSerializer(serializers.Serializer):
+        generation_id = serializers.CharField()
+        user_message = MessageOutputSerializer()
+        message = MessageOutputSerializer(help_text="The answer.")
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={
+            200: TurnOutputSerializer,
+            (200, "text/event-stream"): OpenApiTypes.STR,
+        },
+        description=(
+            'Ask in a conversation. With `Accept: text/event-stream` or `"stream": true` the answer is '
+            "streamed as Server-Sent Events (message.created, generation.started, token, citation, done, "
+            "error; resumable with GET /api/v1/generations/{id}/events/); otherwise the JSON below once "
+            "the answer is complete. Headers: X-Parley-Generation-Id, X-Parley-Cache, rate limits."
+        ),
+    )
     def post(self, request, conversation_id: str):
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
         serializer = self.InputSerializer(data=request.data)
@@ -289,7 +309,11 @@ class GenerationEventsApi(EventStreamNegotiationMixin, TenantAPIView):
 class GenerationCancelApi(TenantAPIView):
     required_scopes = {"POST": "chat"}
 
-    @extend_schema(request=None, responses={202: OpenApiTypes.OBJECT})
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.CharField()
+        status = serializers.ChoiceField(choices=["cancelling"])
+
+    @extend_schema(request=None, responses={202: OutputSerializer})
     def post(self, request, generation_id: str):
         turns.generation_cancel(generation_id=generation_id, end_user=end_user_of(request))
         return Response({"id": generation_id, "status": "cancelling"}, status=status.HTTP_202_ACCEPTED)
@@ -303,7 +327,13 @@ class ModelListApi(TenantAPIView):
 
     required_scopes = {"GET": "chat"}
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    class OpenAIModelSerializer(serializers.Serializer):
+        id = serializers.CharField(help_text="A bot's public id: the `model` of /v1/chat/completions.")
+        object = serializers.ChoiceField(choices=["model"])
+        created = serializers.IntegerField(help_text="Unix time.")
+        owned_by = serializers.CharField(help_text="The tenant's slug.")
+
+    @extend_schema(responses=OpenAIModelSerializer(many=True))
     def get(self, request):
         return Response(
             {

@@ -52,6 +52,8 @@ SHARED_APPS = [
     "django_prometheus",
     "rest_framework",
     "drf_spectacular",
+    # Swagger UI's assets served from our own static files: /api/docs/ works without internet.
+    "drf_spectacular_sidecar",
     "channels",
     "axes",
     "django_structlog",
@@ -358,7 +360,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "tenants.errors.api_exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "tenants.schema.ParleyAutoSchema",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -366,6 +368,18 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Multi-tenant LLM chatbot platform. Authenticate with `Authorization: Bearer <API key>`.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # List envelopes and every operation's errors (tenants.schema.postprocess_api_conventions).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "tenants.schema.postprocess_api_conventions",
+    ],
+    "ENUM_NAME_OVERRIDES": {
+        "ScopeEnum": "tenants.models.ApiKey.Scope",
+        "MessageRoleEnum": "chat.models.Message.Role",
+    },
 }
 
 # --- chat providers -------------------------------------------------------------------------------

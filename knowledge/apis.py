@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -237,7 +237,13 @@ class DocumentDetailApi(TenantAPIView):
 class DocumentReingestApi(TenantAPIView):
     required_scopes = {"POST": "knowledge:write"}
 
-    @extend_schema(request=None, responses={202: DocumentOutputSerializer})
+    @extend_schema(
+        request=None,
+        responses={
+            202: DocumentOutputSerializer,
+            409: OpenApiResponse(description="The document is being ingested already."),
+        },
+    )
     def post(self, request, document_id: str):
         document = services.document_reingest(document=selectors.document_get(document_id=document_id))
         return Response(DocumentOutputSerializer(document).data, status=status.HTTP_202_ACCEPTED)

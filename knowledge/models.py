@@ -23,6 +23,9 @@ class KnowledgeBase(models.Model):
     # Validated by knowledge.embedders.validate_embedder_config; may hold an API key (never output).
     embedder = models.JSONField(default=default_embedder)
     dimensions = models.PositiveSmallIntegerField(default=EMBEDDING_DIMENSIONS)
+    # Validated by knowledge.reranking.validate_reranker_config; {} means no reranking. May hold an
+    # API key (never output).
+    reranker = models.JSONField(default=dict, blank=True)
     # Bumped whenever the content that retrieval can return changes (caches key on it).
     version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now)
@@ -101,14 +104,19 @@ class Chunk(models.Model):
     text = models.TextField()
     page = models.PositiveIntegerField(null=True, blank=True)
     heading = models.CharField(max_length=500, blank=True, default="")
+    # Denormalised from the document when the chunk is written: full text weighs a title's words
+    # without a join (a document's title is set before its chunks are, and never changed after).
+    title = models.CharField(max_length=500, blank=True, default="")
     token_count = models.PositiveIntegerField(default=0)
     # One untyped vector column for every embedder; the ANN indexes are partial expression indexes,
     # one per supported dimension (see migration 0003), selected by ``dimensions``.
     dimensions = models.PositiveSmallIntegerField()
     embedding = VectorField()
+    # Three fields for BM25F (knowledge.retrieval): the weight label says which field a position is in.
     search_vector = models.GeneratedField(
-        expression=SearchVector("heading", weight="A", config="english")
-        + SearchVector("text", weight="B", config="english"),
+        expression=SearchVector("title", weight="A", config="english")
+        + SearchVector("heading", weight="B", config="english")
+        + SearchVector("text", weight="D", config="english"),
         output_field=SearchVectorField(),
         db_persist=True,
     )
@@ -128,3 +136,25 @@ class Chunk(models.Model):
 # One partial HNSW index per dimension, in every tenant schema (migration 0003); keep in step with
 # knowledge.embedders.SUPPORTED_DIMENSIONS.
 ANN_INDEXED_DIMENSIONS = (384, 768, 1024, 1536)
+
+
+class DocumentTerm(models.Model):
+    """In how many of a document's chunks each lexeme occurs: BM25's document frequencies for a
+    knowledge base are the sums over its documents. Kept per document so that ingesting one document
+    writes only its own rows (no counter shared by concurrent ingestions), and written in the same
+    transaction as the chunks (knowledge.services.document_terms_refresh)."""
+
+    knowledge_base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="+")
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="terms")
+    lexeme = models.TextField()
+    chunks = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["document", "lexeme"], name="document_term_unique")]
+        # Retrieval sums one lexeme's rows of a knowledge base from this index alone.
+        indexes = [
+            models.Index(fields=["knowledge_base", "lexeme"], include=["chunks"], name="document_term_kb_lexeme")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.document_id}:{self.lexeme}"

@@ -1,9 +1,24 @@
 """Hybrid retrieval: the one narrow function the chat engine (and the search API) calls.
 
-Two candidate lists — nearest neighbours by cosine distance on pgvector, and PostgreSQL full-text
-matches ranked by ``ts_rank_cd`` — fused by reciprocal rank fusion (score = Σ 1/(60 + rank)).
-Full text catches exact names, codes and rare words that embeddings blur; vectors catch paraphrases
-that share no words with the passage.
+Two candidate lists — nearest neighbours by cosine distance on pgvector, and full-text matches ranked
+by BM25F — fused by weighted reciprocal rank fusion, then optionally reordered by the knowledge
+base's reranker (:mod:`knowledge.reranking`). Full text catches exact names, codes and rare words
+that embeddings blur; vectors catch paraphrases that share no words with the passage.
+
+BM25F. A chunk has three fields: the document's title, the chunk's heading path and its text (the
+weight labels A, B and D of ``search_vector``). A query lexeme's frequency in a chunk is
+``title_weight·tf_title + heading_weight·tf_heading + tf_text``, saturated by ``k1`` and normalised
+by the text's length against the knowledge base's mean (``b``); its inverse document frequency comes
+from the knowledge base's own statistics (:class:`~knowledge.models.DocumentTerm`, summed over its
+documents), so a word common in this knowledge base weighs little even if it is rare elsewhere.
+
+Which matches are ranked: all that can reach the top of the list. The query's lexemes are taken from
+the rarest up (MaxScore): the matches of the rarest ones are scored exactly, and a chunk that holds
+none of them can score at most the sum of the other lexemes' upper bounds, ``idf·(k1 + 1)`` each;
+once the list's last kept score beats that sum, nothing unscored can enter it, and ranking stops.
+Otherwise the next lexeme's new matches are scored, until the list is proven complete or
+``MAX_SCORED_MATCHES`` chunks have been scored (the stated bound on the cost: a question made only
+of words that occur in most chunks). ``RetrievalTrace`` says which happened.
 
 Vector search is exact when the searched scope is small (a filtered scan is fast and perfectly
 accurate, whereas an HNSW scan filtered afterwards can come back short), and approximate (HNSW,
@@ -17,7 +32,8 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -27,29 +43,62 @@ from knowledge.embedders import get_embedder
 from knowledge.models import ANN_INDEXED_DIMENSIONS, Document
 from tenants.redis import get_redis, tenant_key
 
-RRF_K = 60
-CANDIDATES_PER_LIST = 4  # times the limit, from each of the two lists
 MAX_EF_SEARCH = 1000  # pgvector's upper bound
 
-# Full text in two passes: passages holding every word of the question (plainto_tsquery AND-s the
-# lexemes), then, if those are too few, passages holding any of them (OR-ed). Ranking reads each
-# matching row's tsvector, so a question made of common words would rank thousands of rows: each
-# pass ranks at most TEXT_MATCHES_RANKED matches (found through the GIN index; 12-20 µs each), which bounds the
-# cost at the price of an arbitrary subset when a question matches more than that.
-TEXT_MATCHES_RANKED = 300
-_TEXT_QUERY = """
-SELECT m.id
-FROM (
-    SELECT c.id, c.search_vector
-    FROM knowledge_chunk c
-    WHERE c.knowledge_base_id = ANY(%(kbs)s) {document_filter} AND c.search_vector @@ {tsquery}
-    LIMIT %(ranked)s
-) m
-ORDER BY ts_rank_cd(m.search_vector, {tsquery}) DESC, m.id
-LIMIT %(limit)s
+Mode = Literal["hybrid", "text", "vector"]
+
+
+@dataclass(frozen=True, slots=True)
+class RankingParameters:
+    """How the two lists are built and fused. The defaults were chosen on the tuning halves of the
+    retrieval benchmark's question sets (tests/perf/test_retrieval_quality.py; docs/retrieval.md)."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    title_weight: float = 3.0  # a title's occurrence counts as this many occurrences in the text
+    heading_weight: float = 2.0
+    depth: int = 100  # candidates taken from each list (at least the limit)
+    rrf_k: int = 60
+    text_weight: float = 1.0  # the full-text list's share in the fused score; vectors weigh 1
+
+
+DEFAULT_PARAMETERS = RankingParameters()
+# The cost bound of one full-text ranking: chunks whose BM25F score is computed (each reads its
+# search vector, about 3-6 µs; see the retrieval benchmark).
+MAX_SCORED_MATCHES = 3000
+# Matches a pass of MaxScore adds at most (beyond its first lexeme): small, so that a question with
+# a rare word scores that word's few matches and stops there, not every match of its common words.
+MATCHES_PER_PASS = 400
+
+# Query lexemes with their frequencies in the knowledge bases' chunks, summed over their documents.
+_TERM_STATS_QUERY = """
+SELECT q.lexeme, COALESCE(SUM(t.chunks), 0)
+FROM unnest(tsvector_to_array(to_tsvector('english', %(q)s))) AS q(lexeme)
+LEFT JOIN knowledge_documentterm t ON t.knowledge_base_id = ANY(%(kbs)s) AND t.lexeme = q.lexeme
+GROUP BY q.lexeme
 """
-_STRICT_TSQUERY = "plainto_tsquery('english', %(q)s)"
-_LOOSE_TSQUERY = "replace(plainto_tsquery('english', %(q)s)::text, '&', '|')::tsquery"
+
+# BM25F of the chunks matching {tsquery}: each reads only its search vector (no detoasted text).
+_BM25_QUERY = """
+SELECT c.id, s.score, count(*) OVER ()
+FROM knowledge_chunk c
+CROSS JOIN LATERAL (
+    SELECT SUM(q.idf * f.tf * %(k1_plus_1)s / (f.tf + %(k1)s * (%(one_minus_b)s + %(b_per_length)s * c.token_count)))
+        AS score
+    FROM (
+        SELECT v.lexeme,
+               cardinality(v.weights)
+               + %(title_extra)s * cardinality(array_positions(v.weights, 'A'))
+               + %(heading_extra)s * cardinality(array_positions(v.weights, 'B')) AS tf
+        FROM unnest(c.search_vector) v
+        WHERE v.lexeme = ANY(%(lexemes)s)
+    ) f
+    JOIN unnest(%(lexemes)s::text[], %(idfs)s::float8[]) AS q(lexeme, idf) ON q.lexeme = f.lexeme
+) s
+WHERE c.knowledge_base_id = ANY(%(kbs)s) {document_filter} AND c.search_vector @@ %(tsquery)s::tsquery
+ORDER BY s.score DESC, c.id
+LIMIT %(depth)s
+"""
 
 _VECTOR_QUERY = """
 SELECT c.id, c.embedding::vector({dimensions}) <=> %s::vector({dimensions}) AS distance
@@ -75,10 +124,22 @@ class RetrievedChunk:
     text: str
     page: int | None
     heading: str
-    score: float  # fused reciprocal-rank score
+    score: float  # fused reciprocal-rank score (the reranker's relevance when it ordered the list)
     vector_rank: int | None  # 1-based rank in the nearest-neighbour list (None: not in it)
     text_rank: int | None  # 1-based rank in the full-text list
     similarity: float | None  # cosine similarity to the query, when in the vector list
+    reranked: bool = False  # ordered by the knowledge base's reranker
+
+
+@dataclass(slots=True)
+class RetrievalTrace:
+    """What one retrieval did, for benchmarks and debugging (pass one to ``retrieve``)."""
+
+    scored_matches: int = 0  # chunks whose BM25F score was computed
+    text_exact: bool = True  # the full-text list is provably the true top of all matches
+    rerank_seconds: float = 0.0
+    rerank_outcome: str = ""  # "", "reranked", "timeout", "error"
+    passes: list[int] = field(default_factory=list)  # lexemes added per full-text pass
 
 
 def retrieve(
@@ -87,19 +148,62 @@ def retrieve(
     query: str,
     limit: int = 5,
     document_ids: list[int] | None = None,
+    mode: Mode = "hybrid",
+    rerank: bool = True,
+    parameters: RankingParameters | None = None,
+    trace: RetrievalTrace | None = None,
 ) -> list[RetrievedChunk]:
-    """Top ``limit`` chunks of the given knowledge bases (optionally only these documents) for ``query``."""
+    """Top ``limit`` chunks of the given knowledge bases (optionally only these documents) for ``query``.
+
+    ``mode`` selects the lists (both, by default; one alone for evaluations); ``rerank=False`` skips a
+    configured reranker. ``parameters`` overrides the tuned defaults (evaluations only).
+    """
     query = query.strip()
     if not knowledge_base_ids or not query or limit < 1:
         return []
-    candidates = limit * CANDIDATES_PER_LIST
-    ranked_lists: list[list[int]] = [_text_candidates(knowledge_base_ids, query, candidates, document_ids)]
+    parameters = parameters or DEFAULT_PARAMETERS
+    trace = trace if trace is not None else RetrievalTrace()
+    knowledge_bases = _knowledge_bases(knowledge_base_ids)
+    depth = max(limit, parameters.depth)
+    text_ranked: list[int] = []
+    vector_lists: list[list[int]] = []
     distances: dict[int, float] = {}
-    for group in _embedder_groups(knowledge_base_ids):
-        hits = _vector_candidates(group, query, candidates, document_ids)
-        distances.update(hits)
-        ranked_lists.append([chunk_id for chunk_id, _ in hits])
-    return _fuse(ranked_lists, distances, limit)
+    if mode in ("hybrid", "text"):
+        text_ranked = _text_candidates(knowledge_bases, query, depth, document_ids, parameters, trace)
+    if mode in ("hybrid", "vector"):
+        for group in _embedder_groups(knowledge_bases):
+            hits = _vector_candidates(group, query, depth, document_ids)
+            distances.update(hits)
+            vector_lists.append([chunk_id for chunk_id, _ in hits])
+    fused = _fuse(text_ranked, vector_lists, parameters)
+    reranker = _reranker_config(knowledge_bases) if rerank else None
+    if reranker is not None:
+        from knowledge.reranking import rerank_candidates  # the HTTP client loads only where one is configured
+
+        pool = fused[: max(limit, reranker["candidates"])]
+        chunks = _details(pool, text_ranked, vector_lists, distances)
+        return rerank_candidates(config=reranker, query=query, chunks=chunks, limit=limit, trace=trace)
+    return _details(fused[:limit], text_ranked, vector_lists, distances)
+
+
+@dataclass(frozen=True, slots=True)
+class _KnowledgeBaseRow:
+    id: int
+    embedder: dict
+    dimensions: int
+    chunks: int
+    tokens: int
+    reranker: dict
+
+
+@dataclass(frozen=True, slots=True)
+class _KnowledgeBases:
+    wanted: list[_KnowledgeBaseRow]
+    chunks_by_dimension: dict[int, int]  # chunks of the whole tenant per dimension (one HNSW index each)
+
+    @property
+    def ids(self) -> list[int]:
+        return [row.id for row in self.wanted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,54 +215,153 @@ class _EmbedderGroup:
     dimension_chunks: int  # chunks of the tenant with this dimension (what one HNSW index holds)
 
 
-# One query for every knowledge base of the tenant (a handful): their embedders and chunk counts,
-# from which each search's scope and its index's size both follow.
+# One query for every knowledge base of the tenant (a handful): their embedders, rerankers, chunk and
+# token counts, from which each search's scope, its index's size and BM25's length norm all follow.
 _KNOWLEDGE_BASES_QUERY = """
-SELECT kb.id, kb.embedder, kb.dimensions, COALESCE(SUM(d.chunk_count), 0)
+SELECT kb.id, kb.embedder, kb.dimensions, COALESCE(SUM(d.chunk_count), 0), COALESCE(SUM(d.token_count), 0),
+       kb.reranker
 FROM knowledge_knowledgebase kb LEFT JOIN knowledge_document d ON d.knowledge_base_id = kb.id
 GROUP BY kb.id
 """
 
 
-def _embedder_groups(knowledge_base_ids: list[int]) -> list[_EmbedderGroup]:
-    """Knowledge bases sharing an embedder are searched with one query embedding."""
+def _json(value) -> dict:
+    return json.loads(value) if isinstance(value, str) else (value or {})
+
+
+def _knowledge_bases(knowledge_base_ids: list[int]) -> _KnowledgeBases:
     with connection.cursor() as cursor:
         cursor.execute(_KNOWLEDGE_BASES_QUERY)
         rows = cursor.fetchall()
     by_dimension: dict[int, int] = defaultdict(int)
-    for _kb_id, _embedder, dimensions, chunks in rows:
+    wanted_ids = set(knowledge_base_ids)
+    wanted = []
+    for kb_id, embedder, dimensions, chunks, tokens, reranker in rows:
         by_dimension[dimensions] += int(chunks)
-    wanted = set(knowledge_base_ids)
+        if kb_id in wanted_ids:
+            wanted.append(
+                _KnowledgeBaseRow(kb_id, _json(embedder), dimensions, int(chunks), int(tokens), _json(reranker))
+            )
+    return _KnowledgeBases(wanted=wanted, chunks_by_dimension=dict(by_dimension))
+
+
+def _embedder_groups(knowledge_bases: _KnowledgeBases) -> list[_EmbedderGroup]:
+    """Knowledge bases sharing an embedder are searched with one query embedding."""
     groups: dict[str, _EmbedderGroup] = {}
-    for kb_id, embedder, dimensions, chunks in rows:
-        if kb_id not in wanted or dimensions not in ANN_INDEXED_DIMENSIONS:
+    for row in knowledge_bases.wanted:
+        if row.dimensions not in ANN_INDEXED_DIMENSIONS:
             continue
-        embedder = json.loads(embedder) if isinstance(embedder, str) else embedder
-        key = json.dumps(embedder, sort_keys=True)
+        key = json.dumps(row.embedder, sort_keys=True)
         group = groups.get(key)
         groups[key] = _EmbedderGroup(
-            embedder=embedder,
-            dimensions=dimensions,
-            knowledge_base_ids=[*(group.knowledge_base_ids if group else []), kb_id],
-            chunks=(group.chunks if group else 0) + int(chunks),
-            dimension_chunks=by_dimension[dimensions],
+            embedder=row.embedder,
+            dimensions=row.dimensions,
+            knowledge_base_ids=[*(group.knowledge_base_ids if group else []), row.id],
+            chunks=(group.chunks if group else 0) + row.chunks,
+            dimension_chunks=knowledge_bases.chunks_by_dimension[row.dimensions],
         )
     return list(groups.values())
 
 
-def _text_candidates(knowledge_base_ids, query, candidates, document_ids) -> list[int]:
-    params = {"q": query, "kbs": list(knowledge_base_ids), "ranked": TEXT_MATCHES_RANKED, "limit": candidates}
+def _reranker_config(knowledge_bases: _KnowledgeBases) -> dict | None:
+    """The reranker of the searched knowledge bases: the first one configured (a bot searching several
+    knowledge bases with different rerankers gets one ordering, not two)."""
+    return next((row.reranker for row in knowledge_bases.wanted if row.reranker.get("kind")), None)
+
+
+# --- full text: BM25F with MaxScore ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Term:
+    lexeme: str
+    idf: float
+    matches: int  # chunks holding it (in the searched knowledge bases)
+
+
+def _query_terms(knowledge_bases: _KnowledgeBases, query: str) -> list[_Term]:
+    """The query's lexemes with their idf, rarest first. Robertson-Sparck Jones idf, floored at 0
+    by the "+ 1" inside the log (Lucene's form): a lexeme in most chunks weighs almost nothing."""
+    total = sum(row.chunks for row in knowledge_bases.wanted)
+    with connection.cursor() as cursor:
+        cursor.execute(_TERM_STATS_QUERY, {"q": query, "kbs": knowledge_bases.ids})
+        rows = cursor.fetchall()
+    terms = [
+        _Term(lexeme=lexeme, idf=math.log(1.0 + (total - df + 0.5) / (df + 0.5)), matches=int(df))
+        for lexeme, df in rows
+        if df > 0
+    ]
+    return sorted(terms, key=lambda term: (-term.idf, term.lexeme))
+
+
+def _tsquery_text(lexemes: list[str]) -> str:
+    """A tsquery matching any of these (already normalised) lexemes, in tsquery's quoting."""
+    return " | ".join("'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'" for lexeme in lexemes)
+
+
+def _text_candidates(
+    knowledge_bases: _KnowledgeBases,
+    query: str,
+    depth: int,
+    document_ids: list[int] | None,
+    parameters: RankingParameters,
+    trace: RetrievalTrace,
+) -> list[int]:
+    terms = _query_terms(knowledge_bases, query)
+    if not terms:
+        return []
+    total_chunks = sum(row.chunks for row in knowledge_bases.wanted)
+    total_tokens = sum(row.tokens for row in knowledge_bases.wanted)
+    mean_length = total_tokens / total_chunks if total_chunks and total_tokens else 1.0
+    params: dict = {
+        "kbs": knowledge_bases.ids,
+        "lexemes": [term.lexeme for term in terms],
+        "idfs": [term.idf for term in terms],
+        "k1": parameters.k1,
+        "k1_plus_1": parameters.k1 + 1.0,
+        "one_minus_b": 1.0 - parameters.b,
+        "b_per_length": parameters.b / mean_length,
+        "title_extra": parameters.title_weight - 1.0,
+        "heading_extra": parameters.heading_weight - 1.0,
+        "depth": depth,
+    }
     document_filter = ""
     if document_ids is not None:
         document_filter, params["documents"] = "AND c.document_id = ANY(%(documents)s)", list(document_ids)
-    found: list[int] = []
+    sql = _BM25_QUERY.format(document_filter=document_filter)
+    upper_bounds = [term.idf * (parameters.k1 + 1.0) for term in terms]
+    scores: dict[int, float] = {}
+    searched = 0  # terms whose matches are all scored
     with connection.cursor() as cursor:
-        for tsquery in (_STRICT_TSQUERY, _LOOSE_TSQUERY):
-            cursor.execute(_TEXT_QUERY.format(document_filter=document_filter, tsquery=tsquery), params)
-            found += [row[0] for row in cursor.fetchall() if row[0] not in found]
-            if len(found) >= candidates:
+        while searched < len(terms):
+            # The next lexemes, rarest first, as many as fit this pass and the remaining budget (one at least).
+            added, expected = 0, 0
+            budget = min(MATCHES_PER_PASS, MAX_SCORED_MATCHES - trace.scored_matches)
+            while searched + added < len(terms):
+                matches = terms[searched + added].matches
+                if added and expected + matches > budget:
+                    break
+                added, expected = added + 1, expected + matches
+            new = _tsquery_text([term.lexeme for term in terms[searched : searched + added]])
+            if searched:  # matches of the lexemes already searched are scored already
+                new = f"({new}) & !({_tsquery_text([term.lexeme for term in terms[:searched]])})"
+            cursor.execute(sql, {**params, "tsquery": new})
+            rows = cursor.fetchall()
+            scores.update((chunk_id, float(score)) for chunk_id, score, _ in rows)
+            trace.scored_matches += rows[0][2] if rows else 0
+            trace.passes.append(added)
+            searched += added
+            kept = sorted(scores.values(), reverse=True)[:depth]
+            unscored_bound = sum(upper_bounds[searched:])
+            if len(kept) >= depth and kept[-1] > unscored_bound:
+                break  # nothing unscored can enter the list
+            if trace.scored_matches >= MAX_SCORED_MATCHES:
+                trace.text_exact = searched >= len(terms)
                 break
-    return found[:candidates]
+    return sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))[:depth]
+
+
+# --- vectors ----------------------------------------------------------------------------------------
 
 
 def query_embedding(embedder_config: dict, query: str) -> list[float]:
@@ -210,25 +413,38 @@ def _ef_search(total: int, in_scope: int, candidates: int) -> int:
     return min(MAX_EF_SEARCH, math.ceil(wanted))
 
 
-def _fuse(ranked_lists: list[list[int]], distances: dict[int, float], limit: int) -> list[RetrievedChunk]:
+def _fuse(
+    text_ranked: list[int], vector_lists: list[list[int]], parameters: RankingParameters
+) -> list[tuple[int, float]]:
+    """Weighted reciprocal rank fusion: Σ weight/(rrf_k + rank) over the lists holding the chunk."""
     scores: dict[int, float] = defaultdict(float)
-    vector_ranks: dict[int, int] = {}
-    text_ranks: dict[int, int] = {}
-    for list_index, ranked in enumerate(ranked_lists):
+    for rank, chunk_id in enumerate(text_ranked, start=1):
+        scores[chunk_id] += parameters.text_weight / (parameters.rrf_k + rank)
+    for ranked in vector_lists:
         for rank, chunk_id in enumerate(ranked, start=1):
-            scores[chunk_id] += 1.0 / (RRF_K + rank)
-            if list_index == 0:
-                text_ranks[chunk_id] = rank
-            else:
-                vector_ranks.setdefault(chunk_id, rank)
-    winners = sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))[:limit]
+            scores[chunk_id] += 1.0 / (parameters.rrf_k + rank)
+    ordered = sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))
+    return [(chunk_id, scores[chunk_id]) for chunk_id in ordered]
+
+
+def _details(
+    winners: list[tuple[int, float]],
+    text_ranked: list[int],
+    vector_lists: list[list[int]],
+    distances: dict[int, float],
+) -> list[RetrievedChunk]:
     if not winners:
         return []
+    text_ranks = {chunk_id: rank for rank, chunk_id in enumerate(text_ranked, start=1)}
+    vector_ranks: dict[int, int] = {}
+    for ranked in vector_lists:
+        for rank, chunk_id in enumerate(ranked, start=1):
+            vector_ranks.setdefault(chunk_id, rank)
     with connection.cursor() as cursor:
-        cursor.execute(_DETAILS_QUERY, [winners])
+        cursor.execute(_DETAILS_QUERY, [[chunk_id for chunk_id, _ in winners]])
         rows = {row[0]: row for row in cursor.fetchall()}
     results = []
-    for chunk_id in winners:
+    for chunk_id, score in winners:
         row = rows.get(chunk_id)
         if row is None:  # deleted between the two queries
             continue
@@ -242,7 +458,7 @@ def _fuse(ranked_lists: list[list[int]], distances: dict[int, float], limit: int
                 page=row[4],
                 heading=row[5],
                 knowledge_base_id=row[6],
-                score=round(scores[chunk_id], 6),
+                score=round(score, 6),
                 vector_rank=vector_ranks.get(chunk_id),
                 text_rank=text_ranks.get(chunk_id),
                 similarity=None if distance is None else round(1.0 - distance, 6),

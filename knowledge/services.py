@@ -385,6 +385,7 @@ def _ingest(document: Document, progress: _Progress) -> str:
                     text=piece.text,
                     page=piece.page,
                     heading=(piece.heading or "")[:500],
+                    title=title,
                     token_count=piece.token_count,
                     dimensions=embedder.dimensions,
                     embedding=vector,
@@ -393,6 +394,7 @@ def _ingest(document: Document, progress: _Progress) -> str:
             ],
             batch_size=500,
         )
+        document_terms_refresh(document_id=document.pk)
         locked.update(
             status=Document.Status.READY,
             title=title,
@@ -412,6 +414,27 @@ def _ingest(document: Document, progress: _Progress) -> str:
         _bump_version(knowledge_base.pk)
     logger.info("document_ingested", document_id=document.pk, chunks=len(pieces), pages=extracted.page_count)
     return "ready"
+
+
+_TERMS_DELETE = "DELETE FROM knowledge_documentterm WHERE document_id = %s"
+_TERMS_INSERT = """
+INSERT INTO knowledge_documentterm (knowledge_base_id, document_id, lexeme, chunks)
+SELECT c.knowledge_base_id, c.document_id, t.lexeme, count(*)
+FROM knowledge_chunk c CROSS JOIN LATERAL unnest(c.search_vector) t
+WHERE c.document_id = %s
+GROUP BY c.knowledge_base_id, c.document_id, t.lexeme
+"""
+
+
+def document_terms_refresh(*, document_id: int) -> None:
+    """Recount the document's lexemes from its chunks (BM25's statistics, see DocumentTerm).
+
+    Call it in the transaction that replaced the chunks, so that readers never see chunks and
+    statistics of two different versions. The rows go with the document when it is deleted.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_TERMS_DELETE, [document_id])
+        cursor.execute(_TERMS_INSERT, [document_id])
 
 
 def _embed(embedder, texts: list[str], progress: Callable[..., None]) -> list[list[float]]:
