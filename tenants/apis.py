@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.contrib.auth import authenticate
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -23,11 +23,13 @@ class MeApi(TenantAPIView):
     """Who am I, in which tenant, with which scopes: the first call to try a credential with."""
 
     class OutputSerializer(serializers.Serializer):
-        tenant = serializers.CharField()
-        kind = serializers.CharField()
-        scopes = serializers.ListField(child=serializers.CharField())
-        email = serializers.EmailField(allow_null=True)
-        api_key_id = serializers.IntegerField(allow_null=True)
+        tenant = serializers.CharField(help_text="The tenant's slug.")
+        kind = serializers.ChoiceField(
+            choices=["api_key", "jwt", "oauth2", "session"], help_text="The kind of credential that was sent."
+        )
+        scopes = serializers.ListField(child=serializers.ChoiceField(choices=ApiKey.Scope.choices))
+        email = serializers.EmailField(allow_null=True, help_text="The person's email; null for API keys and clients.")
+        api_key_id = serializers.IntegerField(allow_null=True, help_text="With an API key: its id.")
 
     @extend_schema(responses=OutputSerializer)
     def get(self, request):
@@ -46,6 +48,9 @@ class MeApi(TenantAPIView):
 
 
 # --- JWT ----------------------------------------------------------------------------------------
+
+
+_NOT_A_TENANT_HOST = OpenApiResponse(description="Not on a workspace's host: tokens are issued per tenant.")
 
 
 def _tenant_or_404(request):
@@ -69,7 +74,7 @@ class TokenObtainApi(APIView):
         access = serializers.CharField()
         refresh = serializers.CharField()
 
-    @extend_schema(request=InputSerializer, responses=OutputSerializer)
+    @extend_schema(request=InputSerializer, responses={200: OutputSerializer, 404: _NOT_A_TENANT_HOST})
     def post(self, request):
         tenant = _tenant_or_404(request)
         serializer = self.InputSerializer(data=request.data)
@@ -93,7 +98,7 @@ class TokenRefreshApi(APIView):
     class InputSerializer(StrictSerializer):
         refresh = serializers.CharField()
 
-    @extend_schema(request=InputSerializer, responses=TokenObtainApi.OutputSerializer)
+    @extend_schema(request=InputSerializer, responses={200: TokenObtainApi.OutputSerializer, 404: _NOT_A_TENANT_HOST})
     def post(self, request):
         from rest_framework_simplejwt.exceptions import TokenError
 
@@ -165,7 +170,9 @@ class ApiKeyDetailApi(TenantAPIView):
             ApiKeyOutputSerializer(selectors.api_key_get(tenant=request.tenant, api_key_id=api_key_id)).data
         )
 
-    @extend_schema(responses=ApiKeyOutputSerializer, description="Revokes the key (kept for the audit trail).")
+    @extend_schema(
+        responses={200: ApiKeyOutputSerializer}, description="Revokes the key (kept, revoked, for the audit trail)."
+    )
     def delete(self, request, api_key_id: int):
         api_key = selectors.api_key_get(tenant=request.tenant, api_key_id=api_key_id)
         return Response(ApiKeyOutputSerializer(services.api_key_revoke(api_key=api_key)).data)
