@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -57,6 +58,7 @@ def test_reports_recall_and_mrr(tmp_path, capsys, handbook):
         "questions": 4,
         "recall@1": 0.75,
         "mrr": 0.75,
+        "ndcg@1": 0.75,
         "misses": ["How fast is express delivery?"],
     }
 
@@ -98,3 +100,48 @@ def test_unknown_tenant_or_knowledge_base(tmp_path, handbook):
         call_command("knowledge_eval", "nope", "1", questions)
     with pytest.raises(CommandError, match="No knowledge base"):
         call_command("knowledge_eval", "acme", "999999", questions)
+
+
+def test_ndcg_and_recall_of_a_two_document_question():
+    from knowledge.evaluation import EvaluationQuestion, question_result
+
+    item = EvaluationQuestion(question="q", document_ids=frozenset({1, 2}), split="holdout")
+
+    # Document 1 at rank 2 (and again at 3: gains once), document 2 missing from the top 4.
+    result = question_result(item, [7, 1, 1, 9, 2], k=4)
+
+    assert result.recall == 0.5
+    assert result.reciprocal_rank == 0.5
+    assert result.ndcg == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert result.retrieved_document_ids == [7, 1, 1, 9]
+
+
+def test_per_question_output_split_and_mode(tmp_path, capsys, handbook):
+    knowledge_base, _ = handbook
+    questions = _write(
+        tmp_path,
+        [
+            {"question": "How long do I have to send something back?", "documents": ["Returns"], "split": "tuning"},
+            {"question": "Is my data encrypted at rest?", "documents": ["Security"], "split": "holdout"},
+        ],
+    )
+
+    call_command(
+        "knowledge_eval", "acme", str(knowledge_base.pk), questions,
+        "-k", "2", "--split", "holdout", "--mode", "text", "--per-question", "--json",
+    )  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+
+    assert report["questions"] == 1
+    assert report["mrr"] == 1.0
+    assert [row["question"] for row in report["per_question"]] == ["Is my data encrypted at rest?"]
+    assert report["per_question"][0]["split"] == "holdout"
+    assert report["per_question"][0]["ndcg"] == 1.0
+
+
+def test_unknown_split_is_refused_with_the_line(tmp_path, handbook):
+    knowledge_base, _ = handbook
+    questions = _write(tmp_path, [{"question": "q", "documents": ["Returns"], "split": "train"}])
+
+    with pytest.raises(CommandError, match="Line 1: 'split' must be one of tuning, holdout"):
+        call_command("knowledge_eval", "acme", str(knowledge_base.pk), questions)
