@@ -1,6 +1,6 @@
 """Parley settings: one module, configured from environment variables (12-factor).
 
-Every variable is documented in the README. ``PARLEY_ENV`` selects the small per-environment
+Every variable is documented in docs/configuration.md. ``PARLEY_ENV`` selects the small per-environment
 differences (development, test, production). When ``DATABASE_URL`` / ``REDIS_URL`` are unset the
 embedded PostgreSQL (pgserver) and a local redis-server are used.
 """
