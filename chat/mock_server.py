@@ -7,7 +7,8 @@ Run on its own::
 
 Endpoints: ``POST /v1/chat/completions`` (SSE when ``stream``; usage in a last chunk when
 ``stream_options.include_usage``), ``POST /v1/embeddings`` (deterministic unit vectors seeded by a
-hash of the text; the status faults and ``embedding_latency`` apply), ``GET /v1/models``,
+hash of the text; the status faults and ``embedding_latency`` apply), ``POST /v1/rerank`` (Cohere's
+shape, scored by word overlap; faults and ``rerank_latency`` apply), ``GET /v1/models``,
 ``GET /metrics`` (vLLM gauge names), ``GET /health``.
 
 Knobs (``MockConfig``) are set at start (flags), per request, and at run time:
@@ -85,6 +86,7 @@ class MockConfig:
     hang_seconds: float = 300.0  # how long a hang or stall lasts
     embedding_dimensions: int = 384
     embedding_latency: float = 0.0  # seconds before each embeddings answer
+    rerank_latency: float = 0.0  # seconds before each rerank answer
     is_healthy: bool = True  # GET /health answers 503 when false
     is_usage_reported: bool = True  # false: no usage at all, like servers that ignore stream_options
     # vLLM gauges on /metrics; None derives them from the requests in flight.
@@ -186,6 +188,7 @@ class MockServer:
             [
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.post("/v1/embeddings", self.embeddings),
+                web.post("/v1/rerank", self.rerank),
                 web.get("/v1/models", self.models),
                 web.get("/metrics", self.metrics),
                 web.get("/health", self.health),
@@ -396,6 +399,34 @@ class MockServer:
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
             }
         )
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """Cohere/Jina-shaped reranking (``documents``; TEI's ``texts`` too): each passage scored by the
+        share of the query's words it contains, so tests can predict the order."""
+        self.state.counts["rerank"] += 1
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "The body is not valid JSON.", error_type="invalid_request_error")
+        query = body.get("query") if isinstance(body, dict) else None
+        texts = (body.get("documents") or body.get("texts")) if isinstance(body, dict) else None
+        if not isinstance(query, str) or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _error(
+                400, "query must be a string and documents a list of strings.", error_type="invalid_request_error"
+            )
+        config = self.state.config
+        fault = self.state.take_fault()
+        if fault != "none":
+            early = await self._early_fault(request, fault, config, [])
+            if early is not None:
+                return early
+        if config.rerank_latency:
+            await asyncio.sleep(config.rerank_latency)
+        words = set(_PROMPT_PIECE.findall(query.lower()))
+        scores = [len(words & set(_PROMPT_PIECE.findall(text.lower()))) / max(1, len(words)) for text in texts]
+        order = sorted(range(len(texts)), key=lambda index: (-scores[index], index))[: body.get("top_n") or len(texts)]
+        results = [{"index": index, "relevance_score": round(scores[index], 6)} for index in order]
+        return web.json_response({"model": body.get("model") or config.model, "results": results})
 
     async def models(self, request: web.Request) -> web.Response:
         self.state.counts["models"] += 1

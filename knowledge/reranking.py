@@ -156,15 +156,17 @@ def rerank_scores(*, config: dict, query: str, passages: list[str]) -> list[floa
 def rerank_candidates(
     *, config: dict, query: str, chunks: list[RetrievedChunk], limit: int, trace: RetrievalTrace
 ) -> list[RetrievedChunk]:
-    """The top ``limit`` of ``chunks`` (the fused order) as the reranker orders them; the fused
-    order's top ``limit`` when it fails. Ties keep the fused order."""
+    """``chunks`` (the fused order) with the first ``candidates`` of them ordered by the reranker, the
+    rest after them in fused order; the top ``limit``. The fused order stands when the reranker fails.
+    Ties keep the fused order."""
     from dataclasses import replace
 
-    if not chunks:
+    head, tail = chunks[: config["candidates"]], chunks[config["candidates"] :]
+    if not head:
         return []
     started = time.perf_counter()
     try:
-        scores = rerank_scores(config=config, query=query, passages=[_passage(chunk) for chunk in chunks])
+        scores = rerank_scores(config=config, query=query, passages=[_passage(chunk) for chunk in head])
     except RerankError as error:
         trace.rerank_seconds = time.perf_counter() - started
         trace.rerank_outcome = "timeout" if str(error) == "timeout" else "error"
@@ -172,8 +174,9 @@ def rerank_candidates(
         return chunks[:limit]
     trace.rerank_seconds = time.perf_counter() - started
     trace.rerank_outcome = "reranked"
-    order = sorted(range(len(chunks)), key=lambda index: (-scores[index], index))[:limit]
-    return [replace(chunks[index], score=round(scores[index], 6), reranked=True) for index in order]
+    order = sorted(range(len(head)), key=lambda index: (-scores[index], index))
+    reranked = [replace(head[index], score=round(scores[index], 6), reranked=True) for index in order]
+    return [*reranked, *tail][:limit]
 
 
 def _passage(chunk: RetrievedChunk) -> str:

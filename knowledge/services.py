@@ -28,6 +28,7 @@ from knowledge.embedders.base import EmbedderError
 from knowledge.extractors import ExtractionError, detect_kind, extract
 from knowledge.fetching import FetchError, fetch_url, validate_url
 from knowledge.models import Chunk, Document, DocumentContent, KnowledgeBase
+from knowledge.reranking import validate_reranker_config
 from tenants.config_epoch import config_changed
 from tenants.errors import Conflict, ParleyError, ValidationFailed
 
@@ -84,7 +85,9 @@ def plan_limits() -> PlanLimits:
 # --- knowledge bases ----------------------------------------------------------------------------
 
 
-def knowledge_base_create(*, name: str, description: str = "", embedder: dict | None = None) -> KnowledgeBase:
+def knowledge_base_create(
+    *, name: str, description: str = "", embedder: dict | None = None, reranker: dict | None = None
+) -> KnowledgeBase:
     if not name.strip():
         raise ValidationFailed("Knowledge base name must not be empty.", param="name")
     config = validate_embedder_config(embedder if embedder is not None else {"kind": "local"})
@@ -93,14 +96,24 @@ def knowledge_base_create(*, name: str, description: str = "", embedder: dict | 
         description=description,
         embedder=config,
         dimensions=embedder_dimensions(config),
+        reranker=validate_reranker_config(reranker or {}),
     )
 
 
 def knowledge_base_update(
-    *, knowledge_base: KnowledgeBase, name: str | None = None, description: str | None = None, embedder=None
+    *,
+    knowledge_base: KnowledgeBase,
+    name: str | None = None,
+    description: str | None = None,
+    embedder=None,
+    reranker: dict | None = None,
 ) -> KnowledgeBase:
-    """Rename/describe, or switch the embedder: the documents are then re-embedded in the background
-    (full-text search keeps serving them meanwhile; vector search covers each as it is redone)."""
+    """Rename/describe, set or remove the reranker (``{}``), or switch the embedder: the documents are
+    then re-embedded in the background (full-text search keeps serving them meanwhile; vector search
+    covers each as it is redone)."""
+    if reranker is not None:
+        knowledge_base.reranker = validate_reranker_config(reranker)
+        knowledge_base.version = F("version") + 1  # answers cached under the old order are stale
     if name is not None:
         if not name.strip():
             raise ValidationFailed("Knowledge base name must not be empty.", param="name")
