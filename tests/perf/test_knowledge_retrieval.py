@@ -34,7 +34,7 @@ Measured per level, after untimed warm-up calls:
   vector candidates, fusion, knowledge-base lookup);
 - the vector SQL exactly as ``retrieve`` builds it (``knowledge.retrieval._VECTOR_QUERY``):
   approximate (HNSW) at several ``hnsw.ef_search`` values, and exact (ordered by
-  ``(distance) + 0``, which keeps the planner off the index), LIMIT 20 (retrieve's candidates);
+  ``(distance) + 0``, which keeps the planner off the index), LIMIT of retrieve's candidates per list;
 - recall@10 of each approximate run against the exact run of the same query, for the questions
   and for the passages;
 - EXPLAIN ANALYZE of the vector SQL (the HNSW index must be used) and of the full-text statements
@@ -69,8 +69,8 @@ from knowledge import retrieval
 from knowledge.chunking import chunk_sections
 from knowledge.embedders import get_embedder
 from knowledge.models import Chunk, Document
-from knowledge.retrieval import query_embedding, retrieve
-from knowledge.services import knowledge_base_create
+from knowledge.retrieval import RetrievalTrace, query_embedding, retrieve
+from knowledge.services import document_terms_refresh, knowledge_base_create
 from tenants.models import Tenant
 from tenants.services import tenant_create, tenant_delete
 from tests.perf import knowledge_corpus
@@ -259,6 +259,7 @@ def _bulk_connection(schema_name: str) -> psycopg.Connection:
 @dataclass(frozen=True, slots=True)
 class LoadTimings:
     copy_s: float
+    terms_s: float  # document_terms_refresh of the new documents
     index_build_s: float
     vacuum_analyze_s: float
     table_mb: float
@@ -318,6 +319,17 @@ def _load(
             )
     copy_seconds = time.perf_counter() - started
 
+    # BM25F's statistics, as ingestion writes them (in its transaction, here after the COPY).
+    started = time.perf_counter()
+    for document in documents:
+        first = start + documents.index(document) * CHUNKS_PER_DOCUMENT
+        tokens = sum(
+            base.token_counts[int(corpus.base_of[index])] for index in range(first, first + CHUNKS_PER_DOCUMENT)
+        )
+        Document.objects.filter(pk=document.pk).update(token_count=tokens)
+        document_terms_refresh(document_id=document.pk)
+    terms_seconds = time.perf_counter() - started
+
     started = time.perf_counter()
     bulk.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(BUILD_MAINTENANCE_WORK_MEM)))
     bulk.execute(definition)
@@ -336,6 +348,7 @@ def _load(
     ).fetchone()
     return LoadTimings(
         copy_s=copy_seconds,
+        terms_s=terms_seconds,
         index_build_s=index_seconds,
         vacuum_analyze_s=vacuum_seconds,
         table_mb=table_bytes / 1024**2,
@@ -511,17 +524,20 @@ def _measure_level(
     for query in queries[-RETRIEVE_WARMUP_QUERIES:]:  # warm-up: buffers, plans, the Redis connection
         retrieve(knowledge_base_ids=[knowledge_base_id], query=query, limit=RETRIEVE_LIMIT)
     retrieve_samples: list[float] = []
+    traces: list[RetrievalTrace] = []
     budget_ends = time.perf_counter() + RETRIEVE_BUDGET_SECONDS
     with clock.recorded():
         for query in queries:
+            trace = RetrievalTrace()
             started = time.perf_counter()
-            retrieve(knowledge_base_ids=[knowledge_base_id], query=query, limit=RETRIEVE_LIMIT)
+            retrieve(knowledge_base_ids=[knowledge_base_id], query=query, limit=RETRIEVE_LIMIT, trace=trace)
             retrieve_samples.append(time.perf_counter() - started)
+            traces.append(trace)
             if started > budget_ends:
                 break
         parts = {name: list(samples) for name, samples in clock.samples.items()}
 
-    candidates = RETRIEVE_LIMIT * retrieval.CANDIDATES_PER_LIST
+    candidates = max(RETRIEVE_LIMIT, retrieval.DEFAULT_PARAMETERS.depth)
     exact_samples, approximate = _recall(literals, knowledge_base_id, candidates)
     passage_literals = [_literal(vector) for vector in passage_vectors]
     _, passage_approximate = _recall(passage_literals, knowledge_base_id, candidates)
@@ -542,6 +558,12 @@ def _measure_level(
         "retrieve_path": path,
         "retrieve": _latency(retrieve_samples),
         "retrieve_parts": {name: _latency(samples) for name, samples in parts.items()},
+        "full_text": {
+            "scored_matches_mean": round(sum(trace.scored_matches for trace in traces) / len(traces), 1),
+            "scored_matches_max": max(trace.scored_matches for trace in traces),
+            "exact_share": round(sum(trace.text_exact for trace in traces) / len(traces), 4),
+            "passes_mean": round(sum(len(trace.passes) for trace in traces) / len(traces), 2),
+        },
         "exact_sql": _latency(exact_samples),
         "approximate": {str(ef): figures for ef, figures in approximate.items()},
         "approximate_passage_queries": {str(ef): figures for ef, figures in passage_approximate.items()},
@@ -566,7 +588,7 @@ def _plan_summary(plan: str) -> str:
 
 def test_knowledge_retrieval_latency_and_recall(tenant_pair, django_db_blocker, monkeypatch, request):
     clock = PartClock()
-    for name in ("_text_candidates", "_vector_candidates", "_fuse", "_embedder_groups"):
+    for name in ("_text_candidates", "_vector_candidates", "_fuse", "_details", "_knowledge_bases"):
         monkeypatch.setattr(retrieval, name, clock.timed(name, getattr(retrieval, name)))
 
     run_started = time.perf_counter()
@@ -645,10 +667,11 @@ def _report(
     latency_headers = ["chunks", "what", "path", "calls", "p50 ms", "p95 ms", "p99 ms", "max ms"]
     latency_rows = []
     part_labels = {
-        "_text_candidates": "of which: full-text candidates (SQL)",
+        "_text_candidates": "of which: full-text candidates (BM25F, SQL)",
         "_vector_candidates": "of which: vector candidates (cached embedding, counts, SQL)",
-        "_fuse": "of which: fusion + chunk details (SQL)",
-        "_embedder_groups": "of which: knowledge-base lookup (SQL)",
+        "_fuse": "of which: fusion",
+        "_details": "of which: chunk details (SQL)",
+        "_knowledge_bases": "of which: knowledge-base lookup (SQL)",
     }
     for level, figures in levels.items():
         rows = [("retrieve(), limit 5, warm embedding cache", figures["retrieve_path"]["label"], figures["retrieve"])]
@@ -659,11 +682,11 @@ def _report(
         ]
         rows += [
             (
-                "vector SQL, approximate, LIMIT 20",
+                f"vector SQL, approximate, LIMIT {retrieval.DEFAULT_PARAMETERS.depth}",
                 f"HNSW, ef_search {default_ef}",
                 figures["approximate"][str(default_ef)]["sql"],
             ),
-            ("vector SQL, exact, LIMIT 20", "exact scan", figures["exact_sql"]),
+            (f"vector SQL, exact, LIMIT {retrieval.DEFAULT_PARAMETERS.depth}", "exact scan", figures["exact_sql"]),
         ]
         for what, path, latency in rows:
             latency_rows.append(
@@ -699,6 +722,7 @@ def _report(
     data_headers = [
         "chunks",
         "load (COPY) s",
+        "BM25 statistics s",
         "HNSW build s",
         "VACUUM ANALYZE s",
         "table MB",
@@ -712,6 +736,7 @@ def _report(
         [
             f"{level:,}",
             f"{figures['load'].copy_s:.1f}",
+            f"{figures['load'].terms_s:.1f}",
             f"{figures['load'].index_build_s:.1f}",
             f"{figures['load'].vacuum_analyze_s:.1f}",
             f"{figures['load'].table_mb:.0f}",
@@ -736,6 +761,13 @@ def _report(
         f"At {max(levels):,} chunks: retrieve p95 {target['retrieve']['p95_ms']:.1f} ms (target < 30 ms), "
         f"HNSW recall@10 {target_ef.get('recall_at_10', float('nan')):.3f} at the default ef_search {default_ef} "
         f"(target ≥ 0.95)."
+    )
+    full_text_line = " ".join(
+        f"Full text at {level:,} chunks: {figures['full_text']['scored_matches_mean']:.0f} matches scored per "
+        f"question on average (max {figures['full_text']['scored_matches_max']}, bound "
+        f"{retrieval.MAX_SCORED_MATCHES}), {figures['full_text']['passes_mean']:.1f} MaxScore passes, list proven "
+        f"exact for {figures['full_text']['exact_share']:.0%} of the questions."
+        for level, figures in levels.items()
     )
     method = (
         f"{BASE_PASSAGES:,} base passages (generated handbook prose, 24 topics, cut by the real chunker, "
@@ -764,6 +796,7 @@ def _report(
     print()
     print(text_table(data_headers, data_rows))
     print(embedding_line)
+    print(full_text_line)
     print(verdict)
     print("\n".join(plan_lines))
 
@@ -793,6 +826,7 @@ def _report(
                 **{key: value for key, value in figures.items() if key != "load"},
                 "load": {
                     "copy_s": round(figures["load"].copy_s, 2),
+                    "terms_s": round(figures["load"].terms_s, 2),
                     "index_build_s": round(figures["load"].index_build_s, 2),
                     "vacuum_analyze_s": round(figures["load"].vacuum_analyze_s, 2),
                     "table_mb": round(figures["load"].table_mb, 1),
@@ -809,6 +843,7 @@ def _report(
             environment_markdown(environment),
             method,
             verdict,
+            full_text_line,
             markdown_table(latency_headers, latency_rows),
             "Recall@10 of the HNSW search against the exact search of the same query, and its SQL time:",
             markdown_table(recall_headers, recall_rows),
