@@ -144,17 +144,54 @@ def _envelope(schema: dict) -> dict:
     }
 
 
+def _refs(schema: dict) -> set[str]:
+    """Names of the components a schema refers to, at any depth of its own."""
+    names: set[str] = set()
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            names.add(schema["$ref"].rpartition("/")[2])
+        for value in schema.values():
+            names |= _refs(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            names |= _refs(value)
+    return names
+
+
+def _strict_request_bodies(result: dict) -> None:
+    """Request bodies refuse fields they do not declare (StrictSerializer): say so in the schema,
+    for every component a body uses, however deep."""
+    components = result.get("components", {}).get("schemas", {})
+    pending = set()
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            pending |= _refs(operation.get("requestBody", {}))
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        component = components.get(name)
+        if name in seen or component is None:
+            continue
+        seen.add(name)
+        if component.get("type") == "object" and "properties" in component:
+            component["additionalProperties"] = False
+        pending |= _refs(component)
+
+
 def postprocess_api_conventions(result, generator, request, public):
     """Spectacular postprocessing hook: what every operation of the API shares.
 
     - Lists are served in an envelope, ``{"object": "list", "data": [...]}`` (OpenAI's shape):
       a view declares ``many=True``, the schema shows the envelope.
+    - Request bodies refuse undeclared fields (``additionalProperties: false``), as the
+      serializers do (tenants.api_base.StrictSerializer).
     - Every operation documents the errors it can return, in the one error shape (tenants.errors),
       from what it takes: credentials, path parameters, query parameters, a body, a chat turn.
       A view documents any other error by its status alone (``409: OpenApiResponse(description=…)``):
       every 4xx and 5xx response gets the error shape here.
     """
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    _strict_request_bodies(result)
     for operations in result.get("paths", {}).values():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})

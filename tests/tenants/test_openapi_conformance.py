@@ -2,7 +2,8 @@
 and checks what comes back — no server error, only documented statuses, content types and bodies.
 
 A quick profile (a few examples per operation, in-process over WSGI) so that it runs in every
-``make test``; ``PARLEY_SCHEMATHESIS_EXAMPLES`` raises it for a deeper run.
+``make test``; ``PARLEY_SCHEMATHESIS_EXAMPLES`` raises it for a deeper run. Besides the generated
+requests, every operation with a JSON body is shown an unknown field, which it must refuse.
 """
 
 from __future__ import annotations
@@ -118,3 +119,28 @@ def test_responses_match_the_openapi_schema(case, admin_key, existing_ids):
     _with_existing_ids(case, existing_ids)
 
     case.call_and_validate(headers={"Authorization": f"Bearer {admin_key}"}, checks=CHECKS)
+
+
+def _operations_with_json_bodies() -> list[tuple[str, str]]:
+    """(method, path) of every operation with a JSON body, but the widget's (a visitor token first)."""
+    return sorted(
+        (method.upper(), path)
+        for path, operations in _openapi_document()["paths"].items()
+        for method, operation in operations.items()
+        if "application/json" in operation.get("requestBody", {}).get("content", {})
+        and not path.startswith("/api/v1/widget/")
+    )
+
+
+@pytest.mark.parametrize(("method", "path"), _operations_with_json_bodies())
+def test_unknown_fields_are_refused(client, admin_key, existing_ids, method, path):
+    url = path.format(**existing_ids)
+    body = json.dumps({"unexpected_field": 1})
+
+    response = client.generic(
+        method, url, body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {admin_key}"
+    )
+
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == "unexpected_field"
+    assert response.json()["error"]["type"] == "invalid_request_error"
