@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +61,7 @@ class RankingParameters:
     depth: int = 100  # candidates taken from each list (at least the limit)
     rrf_k: int = 60
     text_weight: float = 1.0  # the full-text list's share in the fused score; vectors weigh 1
+    part_weight: float = 0.0  # lists of a multi-part question's parts (0: not searched), see _query_parts
 
 
 DEFAULT_PARAMETERS = RankingParameters()
@@ -165,17 +167,25 @@ def retrieve(
     trace = trace if trace is not None else RetrievalTrace()
     knowledge_bases = _knowledge_bases(knowledge_base_ids)
     depth = max(limit, parameters.depth)
+    groups = _embedder_groups(knowledge_bases) if mode in ("hybrid", "vector") else []
+    distances: dict[int, float] = {}
+    weighted: list[tuple[float, list[int]]] = []
     text_ranked: list[int] = []
     vector_lists: list[list[int]] = []
-    distances: dict[int, float] = {}
-    if mode in ("hybrid", "text"):
-        text_ranked = _text_candidates(knowledge_bases, query, depth, document_ids, parameters, trace)
-    if mode in ("hybrid", "vector"):
-        for group in _embedder_groups(knowledge_bases):
-            hits = _vector_candidates(group, query, depth, document_ids)
-            distances.update(hits)
-            vector_lists.append([chunk_id for chunk_id, _ in hits])
-    fused = _fuse(text_ranked, vector_lists, parameters)
+    parts = _query_parts(query) if parameters.part_weight > 0 else []
+    for index, text in enumerate([query, *parts]):
+        weight = 1.0 if index == 0 else parameters.part_weight
+        if mode in ("hybrid", "text"):
+            ranked = _text_candidates(knowledge_bases, text, depth, document_ids, parameters, trace)
+            weighted.append((weight * parameters.text_weight, ranked))
+            text_ranked = text_ranked or ranked
+        for group in groups:
+            hits = _vector_candidates(group, text, depth, document_ids)
+            if index == 0:
+                distances.update(hits)
+                vector_lists.append([chunk_id for chunk_id, _ in hits])
+            weighted.append((weight, [chunk_id for chunk_id, _ in hits]))
+    fused = _fuse(weighted, parameters.rrf_k)
     reranker = _reranker_config(knowledge_bases) if rerank else None
     if reranker is not None:
         from knowledge.reranking import rerank_candidates  # the HTTP client loads only where one is configured
@@ -413,18 +423,27 @@ def _ef_search(total: int, in_scope: int, candidates: int) -> int:
     return min(MAX_EF_SEARCH, math.ceil(wanted))
 
 
-def _fuse(
-    text_ranked: list[int], vector_lists: list[list[int]], parameters: RankingParameters
-) -> list[tuple[int, float]]:
+def _fuse(weighted_lists: list[tuple[float, list[int]]], rrf_k: int) -> list[tuple[int, float]]:
     """Weighted reciprocal rank fusion: Σ weight/(rrf_k + rank) over the lists holding the chunk."""
     scores: dict[int, float] = defaultdict(float)
-    for rank, chunk_id in enumerate(text_ranked, start=1):
-        scores[chunk_id] += parameters.text_weight / (parameters.rrf_k + rank)
-    for ranked in vector_lists:
+    for weight, ranked in weighted_lists:
         for rank, chunk_id in enumerate(ranked, start=1):
-            scores[chunk_id] += 1.0 / (parameters.rrf_k + rank)
+            scores[chunk_id] += weight / (rrf_k + rank)
     ordered = sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))
     return [(chunk_id, scores[chunk_id]) for chunk_id in ordered]
+
+
+# Where a question that names several things splits ("X and Y", "X versus Y", "X or Y", lists).
+_PART_SEPARATOR = re.compile(r"\s*(?:\b(?:and|or|versus|vs\.?|compared (?:to|with))\b|[,;?])\s*", re.IGNORECASE)
+MAX_QUERY_PARTS = 3
+
+
+def _query_parts(query: str) -> list[str]:
+    """The parts of a question naming several things, each searched too (its lists weighing
+    ``part_weight``): one document per part can then reach the top, where the whole question's lists
+    favour whichever part its wording leans to. None for a question of one part."""
+    parts = [part for part in _PART_SEPARATOR.split(query) if part and any(char.isalnum() for char in part)]
+    return parts[:MAX_QUERY_PARTS] if len(parts) > 1 else []
 
 
 def _details(

@@ -206,3 +206,15 @@ def test_hybrid_fuses_both_lists():
     assert hits[0].text_rank == 1
     assert {hit.chunk_id for hit in hits} == {hits[0].chunk_id, vector_only.pk}
     assert all(hit.vector_rank is not None for hit in hits)
+
+
+@pytest.mark.parametrize(
+    ("query", "parts"),
+    [
+        pytest.param("radius and center of a graph", ["radius", "center of a graph"], id="and_case"),
+        pytest.param("argmax versus max: what is returned?", ["argmax", "max: what is returned"], id="versus_case"),
+        pytest.param("Is my graph a tree?", [], id="one_part_case"),
+    ],
+)
+def test_query_parts(query, parts):
+    assert retrieval._query_parts(query) == parts
