@@ -71,7 +71,7 @@ _SCOPE_NAMES = {
 #
 # ARGV[1]: 'check' (admit all or consume none), 'charge' (consume, never refuse; a negative cost
 #          refunds), 'peek' (check, consume nothing), 'mark' ('check', the last key not a limit
-#          but a marker, set for a minute when the request is admitted: chat.gateway's gate).
+#          but a marker, set for a minute when the request is admitted: chat.admission's gate).
 # ARGV[2]: now in µs, or '' for the server's clock (tests pass their own).
 # ARGV[3..]: per key, four values: count, period_us (count units per period), burst, cost.
 # Returns {admitted, index of the first refusing key or 0, retry_us, then per key: remaining, reset_us}.
@@ -355,7 +355,7 @@ def rate_limit_queue(
     """``rate_limit_async``'s script queued on ``pipe`` (the gateway reserves the budget in the
     same round trip); give the call and its reply to :func:`rate_limit_finish_async`. Nothing is
     queued when no limit applies. ``marker``: a key the script sets (for a minute) when it admits
-    the request, for a later command of the same round trip to see (chat.gateway's gate)."""
+    the request, for a later command of the same round trip to see (chat.admission's gate)."""
     call = _check_call(schema_name=schema_name, limits=limits, costs=costs, now_ms=None)
     if call.keys:
         if marker is None:

@@ -1,7 +1,7 @@
-"""The gateway every turn passes: rate limits and a budget reservation before it reaches a model;
-settlement, the tokens-per-minute charge and metering after it.
+"""Admission, which every turn passes: rate limits and a budget reservation before it reaches a
+model; settlement, the tokens-per-minute charge and metering after it.
 
-Admission runs at the edge (the view or consumer that starts the turn), in this order:
+Admission runs in the one door into a turn (chat.turn_core), in this order:
 
 1. rate limits (billing.ratelimit): requests and estimated tokens per minute, per API key, tenant,
    bot and end user, all-or-nothing in one Redis script → 429 with ``Retry-After``;
@@ -27,33 +27,27 @@ from billing.budgets import (
     BudgetExceeded,
     Reservation,
     billing_policy_cached,
-    billing_policy_get,
-    budget_reserve,
     budget_reserve_async,
     budget_reserve_finish_async,
     budget_reserve_queue,
     budget_reserve_undo_async,
-    budget_settle,
-    budget_settle_async,
     budget_settle_finish,
     budget_settle_queue,
 )
-from billing.metering import UsageEvent, usage_record, usage_record_async, usage_record_queue
+from billing.metering import UsageEvent, usage_record_queue
 from billing.ratelimit import (
     Limit,
     RateLimited,
-    rate_limit,
     rate_limit_async,
     rate_limit_finish_async,
     rate_limit_headers,
     rate_limit_queue,
     rate_limit_refund_async,
-    tokens_charge,
     tokens_charge_async,
     tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
-from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, tenant_key
+from tenants.redis import execute_with_scripts, get_loop_redis, tenant_key
 
 CHARS_PER_TOKEN = 4  # the estimate before a call; the provider's usage settles it after
 RATE_LIMIT_FIELDS = (
@@ -93,25 +87,14 @@ class Caller:
     end_user: str  # metering and limit identity: "key:12:alice", "visitor:abc", "user:5"
     # False when the end user is the API key itself (no ``user`` given): the key's limits apply.
     is_end_user_limited: bool = True
+    # A widget visitor's client address: many visitor ids from one address share one allowance.
+    visitor_address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     headers: dict[str, str]
     ticket: dict  # JSON-safe, carried by the turn's job
-
-
-def caller_for(*, tenant, bot, api_key_id: int | None, end_user) -> Caller:
-    """``end_user`` is a chat.selectors.EndUser; an API key without its own ``user`` is its own end user."""
-    return Caller(
-        tenant=tenant,
-        bot_id=bot.pk,
-        bot_public_id=bot.public_id,
-        bot_rate_limits=bot.rate_limits or {},
-        api_key_id=api_key_id,
-        end_user=end_user.id,
-        is_end_user_limited=not (api_key_id is not None and end_user.id == f"key:{api_key_id}"),
-    )
 
 
 def estimate_tokens(*, prompt_chars: int, max_tokens: int | None) -> int:
@@ -136,6 +119,15 @@ def _rate_limits(caller: Caller, policy: BillingPolicy) -> list[Limit]:
             Limit("end_user", caller.end_user, "requests", end_user_rpm),
             Limit("end_user", caller.end_user, "tokens", end_user_tpm),
         ]
+    if caller.visitor_address is not None:
+        limits.append(
+            Limit(
+                "widget_ip_messages",
+                caller.visitor_address,
+                "requests",
+                settings.PARLEY_WIDGET_MESSAGES_PER_IP_PER_MINUTE,
+            )
+        )
     if caller.api_key_id is not None:
         limits += [
             Limit("key", str(caller.api_key_id), "requests", key_rpm or policy.requests_per_minute),
@@ -148,47 +140,12 @@ def _limit_dict(limit: Limit) -> dict:
     return {"scope": limit.scope, "identity": limit.identity, "kind": limit.kind, "per_minute": limit.per_minute}
 
 
-def admit(*, caller: Caller, prompt_chars: int, max_tokens: int | None) -> Admission:
-    """Rate limits, then the budget; raises RateLimited (429) or BudgetExceeded (402)."""
-    schema_name = caller.tenant.schema_name
-    estimate = estimate_tokens(prompt_chars=prompt_chars, max_tokens=max_tokens)
-    # One query for the plan, the key's overrides and the budgets (read fresh: plan changes apply at once).
-    policy = billing_policy_get(tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user)
-    limits = _rate_limits(caller, policy)
-    decision = rate_limit(schema_name=schema_name, limits=limits, costs={"requests": 1, "tokens": estimate})
-    if not decision.allowed:
-        raise RateLimited.from_decision(decision)
-    token_limits = [limit for limit in limits if limit.kind == "tokens" and limit.per_minute > 0]
-    budgets = policy.budgets
-    try:
-        reservation = budget_reserve(
-            tenant_schema=schema_name, limits=budgets, tokens=estimate, reservation_id=uuid.uuid4().hex
-        )
-    except BudgetExceeded:
-        # Refused before any work: give the estimate back to the per-minute token limits.
-        tokens_charge(schema_name=schema_name, limits=token_limits, tokens=0, reserved=estimate)
-        raise
-    return _admission(caller, decision, estimate, reservation, token_limits)
-
-
-async def admit_async(*, caller: Caller, prompt_chars: int, max_tokens: int | None, epoch: bytes) -> Admission:
-    """``admit`` for the async edge: the same checks, on the event loop's Redis client, with the
-    billing policy read once per configuration epoch (no SQL on the hot path)."""
-    queued = await admission_prepare(caller=caller, prompt_chars=prompt_chars, max_tokens=max_tokens, epoch=epoch)
-    async with get_loop_redis().pipeline(transaction=False) as pipe:
-        queued.queue(pipe)
-        try:
-            replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
-        except REDIS_UNAVAILABLE:
-            replies = None
-    return await queued.finish(replies)
-
-
 async def admission_prepare(
     *, caller: Caller, prompt_chars: int, max_tokens: int | None, epoch: bytes
 ) -> QueuedAdmission:
-    """``admit_async`` in steps, for a caller that sends the admission's scripts in a round trip of
-    its own (the edge confirms the API key in the same one): queue, then finish — or undo."""
+    """A turn's admission, to send in a round trip the caller makes (chat.turn_core, which reads
+    the exact cache entry or confirms an API key in the same one): queue, then finish — or undo.
+    The billing policy comes from memory, read once per configuration epoch (no SQL)."""
     estimate = estimate_tokens(prompt_chars=prompt_chars, max_tokens=max_tokens)
     policy = await billing_policy_cached(
         tenant=caller.tenant, api_key_id=caller.api_key_id, end_user=caller.end_user, epoch=epoch
@@ -427,22 +384,6 @@ def _usage_event(ticket: dict, **fields) -> UsageEvent:
     )
 
 
-async def settle(ticket: dict, **fields) -> None:
-    """After the turn: settle the reservation (a cached answer costs nothing), charge the real
-    tokens per minute, and record the usage event. Idempotent per reservation and event id.
-
-    ``fields``: schema_name, event_id, provider, model, tokens_in, tokens_out, cache_layer,
-    latency_ms, ttft_ms."""
-    billable = 0 if fields["cache_layer"] else fields["tokens_in"] + fields["tokens_out"]
-    await budget_settle_async(reservation=Reservation.from_dict(ticket["reservation"]), actual_tokens=billable)
-    limits = [Limit(**item) for item in ticket.get("token_limits", [])]
-    if limits:
-        await tokens_charge_async(
-            schema_name=fields["schema_name"], limits=limits, tokens=billable, reserved=ticket["estimate"]
-        )
-    await usage_record_async(_usage_event(ticket, **fields))
-
-
 @dataclass(frozen=True, slots=True)
 class QueuedSettlement:
     """A settlement queued on a pipeline (``settle_queue``); ``finish`` reads its replies."""
@@ -471,11 +412,14 @@ def settle_queue(pipe, ticket: dict, **fields) -> QueuedSettlement:
     return QueuedSettlement(reservation=reservation, budget_index=budget_index)
 
 
-def settle_sync(ticket: dict, **fields) -> None:
-    """``settle`` for synchronous callers (a cache hit answered by the web edge)."""
-    billable = 0 if fields["cache_layer"] else fields["tokens_in"] + fields["tokens_out"]
-    budget_settle(reservation=Reservation.from_dict(ticket["reservation"]), actual_tokens=billable)
-    limits = [Limit(**item) for item in ticket.get("token_limits", [])]
-    if limits:
-        tokens_charge(schema_name=fields["schema_name"], limits=limits, tokens=billable, reserved=ticket["estimate"])
-    usage_record(_usage_event(ticket, **fields))
+async def settle(ticket: dict, **fields) -> None:
+    """After the turn: settle the reservation (a cached answer costs nothing), charge the real
+    tokens per minute, and record the usage event — ``settle_queue`` in a round trip of its own.
+    Idempotent per reservation and event id.
+
+    ``fields``: schema_name, event_id, provider, model, tokens_in, tokens_out, cache_layer,
+    latency_ms, ttft_ms."""
+    redis = get_loop_redis()
+    async with redis.pipeline(transaction=False) as pipe:
+        settlement = settle_queue(pipe, ticket, **fields)
+        await settlement.finish(await execute_with_scripts(pipe, redis))

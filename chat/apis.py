@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from asgiref.sync import async_to_sync
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
@@ -9,39 +10,20 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from chat import selectors, services, turns
-from chat.gateway import Caller, caller_for
+from chat.callers import caller_of_request, end_user_of_context
+from chat.memory.records import message_of
 from chat.models import Bot, Conversation, Message
 from chat.selectors import EndUser
 from chat.streams import parse_last_event_id
 from chat.transports.sse import event_stream, sse_response, wants_event_stream
+from chat.turn_core import ConversationRef, ConversationTurn, turn_begin
+from chat.turn_input import MAX_MESSAGE_CHARS
 from tenants.api_base import StrictSerializer, TenantAPIView
-from tenants.authentication import AuthContext
 
 
 def end_user_of(request, external_user: str | None = None) -> EndUser:
-    """The end user a caller acts as: a person, or an API credential (optionally naming its own
-    end user, like OpenAI's ``user`` field). Admin-scope callers see every end user's data."""
-    context: AuthContext = request.auth
-    sees_all = "admin" in context.scopes
-    if context.kind == "api_key":
-        identity = f"key:{context.api_key_id}" + (f":{external_user}" if external_user else "")
-        return EndUser(kind="api", id=identity, sees_all=sees_all)
-    if getattr(request.user, "pk", None) is not None:
-        return EndUser(kind="user", id=f"user:{request.user.pk}", sees_all=sees_all)
-    client_id = getattr(request.user, "client_id", "client")
-    return EndUser(
-        kind="api", id=f"oauth:{client_id}" + (f":{external_user}" if external_user else ""), sees_all=sees_all
-    )
-
-
-def caller_of(request, *, bot, external_user: str | None = None) -> Caller:
-    """Who the gateway (rate limits, budgets, metering) sees behind a request."""
-    return caller_for(
-        tenant=request.tenant,
-        bot=bot,
-        api_key_id=request.auth.api_key_id,
-        end_user=end_user_of(request, external_user),
-    )
+    """The end user a request acts as (chat.callers holds the rule)."""
+    return end_user_of_context(request.auth, request.user, external_user)
 
 
 # --- bots ---------------------------------------------------------------------------------------
@@ -234,7 +216,9 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
     required_scopes = {"GET": "chat", "POST": "chat"}
 
     class InputSerializer(StrictSerializer):
-        content = serializers.CharField(trim_whitespace=False, allow_blank=True, max_length=turns.MAX_MESSAGE_CHARS + 1)
+        """Documents the body; chat.turn_input.message_input_parse validates it (every transport)."""
+
+        content = serializers.CharField(trim_whitespace=False, max_length=MAX_MESSAGE_CHARS)
         stream = serializers.BooleanField(required=False, default=False)
 
     @extend_schema(responses=MessageOutputSerializer(many=True))
@@ -263,16 +247,14 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
     )
     def post(self, request, conversation_id: str):
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user_of(request))
-        serializer = self.InputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        is_streamed = serializer.validated_data["stream"] or wants_event_stream(request)
-        started = turns.turn_start(
-            conversation=conversation,
-            content=serializer.validated_data["content"],
-            is_streamed=is_streamed,
-            caller=caller_of(request, bot=conversation.bot),
+        turn = ConversationTurn(
+            bot_public_id=conversation.bot.public_id,
+            body=request.data,
+            conversation=ConversationRef.of(conversation),
+            accepts_event_stream=wants_event_stream(request),
         )
-        if is_streamed:
+        started = async_to_sync(turn_begin)(caller_of_request(request), turn)
+        if started.is_streamed:
             return sse_response(event_stream(started.stream_key), headers=turns.streamed_turn_headers(started))
         headers = {"X-Parley-Generation-Id": started.generation_id, **started.headers}
         outcome = turns.turn_wait(stream_key=started.stream_key)
@@ -283,7 +265,7 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         return Response(
             {
                 "generation_id": started.generation_id,
-                "user_message": MessageOutputSerializer(started.user_message).data,
+                "user_message": MessageOutputSerializer(message_of(started.user_record)).data,
                 "message": MessageOutputSerializer(answer).data,
             },
             headers=headers,

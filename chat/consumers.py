@@ -2,34 +2,45 @@
 resume from the client.
 
 Who may connect: a browser page whose Origin is on the bot's ``allowed_origins`` (or any origin
-if the tenant allowed that), as an anonymous visitor identified by ``?visitor_id=``; or a server
-client sending ``Authorization: Bearer <API key>`` with the ``chat`` scope.
+if the tenant allowed that) with the widget's signed visitor token (``?token=pwt.…``, from
+``POST /api/v1/widget/bots/<public_id>/session/``); or a server client sending
+``Authorization: Bearer <API key>``. Each message frame starts its turn through the one door
+(chat.turn_core.turn_begin) with the caller resolved again — a revoked or expired key, an expired
+visitor token or a suspended tenant stops an open socket's next turn — and visitors count against
+the widget's per-address limits, as on the widget's REST path.
 
 Client → server frames (JSON):
     {"type": "message", "content": "...", "conversation_id": "<optional uuid>"}
     {"type": "cancel", "generation_id": "..."}
     {"type": "resume", "generation_id": "...", "last_event_id": "<id of the last event received>"}
 Server → client frames: {"type": <event type>, "id": <event id>, "data": {...}}, and
-{"type": "error", "data": {"message", "type", "code"}} for a refused frame (the socket stays open).
+{"type": "error", "data": {"message", "type", "code", "param"}} for a refused frame (the socket
+stays open).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import parse_qs
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat import selectors, turns
-from chat.gateway import caller_for
+from chat.callers import TurnCaller, api_key_caller, caller_of_visitor
 from chat.metrics import ACTIVE_STREAMS
-from chat.models import Bot, Conversation
+from chat.models import Bot
 from chat.selectors import EndUser
 from chat.streams import parse_last_event_id
 from chat.transports.hub import follow
-from chat.widget import VISITOR_ID, origin_allowed, visitor_end_user
-from tenants.channels import tenant_database_sync_to_async
-from tenants.errors import AuthenticationFailed, NotFound, ParleyError, ValidationFailed
+from chat.turn_core import ConversationRef, ConversationTurn, turn_begin
+from chat.turn_input import conversation_title
+from chat.widget import VisitorToken, origin_allowed, origin_normalise, visitor_token_verify
+from tenants.channels import tenant_database_sync_to_async, tenant_of_scope
+from tenants.errors import AuthenticationFailed, NotFound, ParleyError, TenantSuspended, ValidationFailed
+from tenants.json_input import json_parse
+from tenants.redis import get_loop_redis
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
@@ -38,33 +49,56 @@ CLOSE_NOT_FOUND = 4404
 class BotConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.relays: dict[str, asyncio.Task] = {}
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self.scope["headers"]}
+        self.conversations: dict[str, ConversationRef] = {}  # started on this socket, maybe not stored yet
+        self.headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self.scope["headers"]
+        }
+        self.client_ip = (self.scope.get("client") or ("", 0))[0] or ""
         public_id = self.scope["url_route"]["kwargs"]["public_id"]
         self.bot = await self._bot(public_id)
         if self.bot is None:
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        authorization = headers.get("authorization", "")
+        authorization = self.headers.get("authorization", "")
+        self.raw_key = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+        self.visitor_token = (parse_qs(self.scope.get("query_string", b"").decode()).get("token") or [""])[0]
         try:
-            if authorization.lower().startswith("bearer "):
-                self.end_user = await self._api_key_end_user(authorization[7:].strip())
-            else:
-                self.end_user = self._visitor(headers.get("origin"))
+            caller = await self._caller()
         except ParleyError:
             await self.close(code=CLOSE_FORBIDDEN)
             return
+        self.end_user: EndUser = caller.end_user
         await self.accept()
         ACTIVE_STREAMS.labels("websocket").inc()
         self.counted = True
 
-    def _visitor(self, origin: str | None) -> EndUser:
+    async def _caller(self) -> TurnCaller:
+        """Who asks, resolved again for every turn: an API key (as the edge resolves it), or a
+        widget visitor (token signature and expiry, origin, tenant still active)."""
+        redis = get_loop_redis()
+        if self.raw_key is not None:
+            return await api_key_caller(
+                self.raw_key, host=self.headers.get("host", ""), client_ip=self.client_ip, redis=redis
+            )
+        tenant = await database_sync_to_async(tenant_of_scope)(self.scope)  # the resolution cache
+        if tenant is None or tenant.pk != self.scope["tenant"].pk:
+            raise AuthenticationFailed("This workspace is not available.")
+        if not tenant.is_active:
+            raise TenantSuspended(f"The workspace '{tenant.slug}' is suspended.")
+        return caller_of_visitor(tenant=tenant, visitor=self._visitor(), client_ip=self.client_ip)
+
+    def _visitor(self) -> VisitorToken:
+        origin = self.headers.get("origin")
         if not origin_allowed(self.bot, origin):
             raise AuthenticationFailed("This page's origin is not allowed to use this bot.")
-        query = parse_qs(self.scope.get("query_string", b"").decode())
-        visitor_id = (query.get("visitor_id") or [""])[0]
-        if not VISITOR_ID.match(visitor_id):
-            raise ValidationFailed("visitor_id must be 8-64 letters, digits, '-' or '_'.")
-        return visitor_end_user(visitor_id)
+        if not self.visitor_token:
+            raise AuthenticationFailed("A widget visitor token is required (?token=).", code="missing_credentials")
+        return visitor_token_verify(
+            self.visitor_token,
+            schema_name=self.scope["tenant"].schema_name,
+            bot=self.bot,
+            origin=origin_normalise(origin) or "",
+        )
 
     async def disconnect(self, code: int) -> None:
         for task in getattr(self, "relays", {}).values():
@@ -72,29 +106,60 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
         if getattr(self, "counted", False):
             ACTIVE_STREAMS.labels("websocket").dec()
 
-    async def receive_json(self, content, **kwargs) -> None:
-        handlers = {"message": self._on_message, "cancel": self._on_cancel, "resume": self._on_resume}
-        handler = handlers.get(content.get("type") if isinstance(content, dict) else None)
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        return json_parse(text_data)  # bounded nesting, storable text: as every transport reads JSON
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         try:
+            if text_data is None:
+                raise ValidationFailed("Frames must be JSON text.")
+            content = await self.decode_json(text_data)
+            handlers = {"message": self._on_message, "cancel": self._on_cancel, "resume": self._on_resume}
+            handler = handlers.get(content.get("type") if isinstance(content, dict) else None)
             if handler is None:
                 raise ValidationFailed("type must be one of message, cancel, resume.", param="type")
             await handler(content)
         except ParleyError as error:
-            data = {"message": error.message, "type": error.error_type, "code": error.code}
+            data = {"message": error.message, "type": error.error_type, "code": error.code, "param": error.param}
             if getattr(error, "retry_after", None) is not None:
                 data["retry_after"] = error.retry_after  # a refused turn (rate limit): when to try again
             await self.send_json({"type": "error", "data": data})
 
     async def _on_message(self, content: dict) -> None:
-        started = await self._start_turn(content.get("conversation_id"), content.get("content"))
+        caller = await self._caller()
+        conversation_id = content.get("conversation_id")
+        conversation = None
+        if conversation_id is not None:
+            if not isinstance(conversation_id, str):
+                raise ValidationFailed("conversation_id must be a string.", param="conversation_id")
+            conversation = self.conversations.get(conversation_id) or await self._conversation(
+                conversation_id, caller.end_user
+            )
+        body = {key: value for key, value in content.items() if key not in ("type", "conversation_id")}
+        turn = ConversationTurn(
+            bot_public_id=self.bot.public_id, body=body, conversation=conversation, always_streams=True
+        )
+        started = await turn_begin(caller, turn)
+        if conversation is None:
+            self.conversations[started.conversation_id] = ConversationRef(
+                id=started.conversation_id,
+                bot_id=self.bot.pk,
+                end_user_kind=caller.end_user.kind,
+                end_user_id=caller.end_user.id[:200],
+                title=conversation_title(started.user_record["content"]),
+                summary="",
+                summary_until_ts=0,
+                is_empty=False,
+            )
         self._relay(started.generation_id, started.stream_key, "0-0")
 
     async def _on_cancel(self, content: dict) -> None:
-        await self._cancel(str(content.get("generation_id", "")))
+        await self._cancel(str(content.get("generation_id", "")), (await self._caller()).end_user)
 
     async def _on_resume(self, content: dict) -> None:
         generation_id = str(content.get("generation_id", ""))
-        stream_key = await self._stream_key(generation_id)
+        stream_key = await self._stream_key(generation_id, (await self._caller()).end_user)
         self._relay(generation_id, stream_key, parse_last_event_id(content.get("last_event_id")))
 
     def _relay(self, generation_id: str, stream_key: str, after: str) -> None:
@@ -115,40 +180,16 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
         return Bot.objects.filter(public_id=public_id).first()
 
     @tenant_database_sync_to_async
-    def _api_key_end_user(self, raw_key: str) -> EndUser:
-        from tenants.authentication import api_key_verify
-
-        client = self.scope.get("client") or ("", 0)
-        _user, context = api_key_verify(raw_key, tenant=self.scope["tenant"], client_ip=client[0] or "")
-        if "chat" not in context.scopes and "admin" not in context.scopes:
-            raise AuthenticationFailed("This API key lacks the 'chat' scope.")
-        self.api_key_id = context.api_key_id
-        return EndUser(kind=Conversation.EndUserKind.API, id=f"key:{context.api_key_id}")
+    def _conversation(self, conversation_id: str, end_user: EndUser) -> ConversationRef:
+        conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user)
+        if conversation.bot_id != self.bot.pk:
+            raise NotFound("No such conversation.", param="conversation_id")
+        return ConversationRef.of(conversation)
 
     @tenant_database_sync_to_async
-    def _start_turn(self, conversation_id: str | None, content) -> turns.StartedTurn:
-        caller = caller_for(
-            tenant=self.scope["tenant"],
-            bot=self.bot,
-            api_key_id=getattr(self, "api_key_id", None),
-            end_user=self.end_user,
-        )
-        if conversation_id:
-            conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=self.end_user)
-            if conversation.bot_id != self.bot.pk:
-                raise NotFound("No such conversation.", param="conversation_id")
-        else:
-            # Saved by turn_start once the gateway admits the turn: a refused turn leaves no new
-            # conversation behind, and nothing is queued before the row is committed.
-            conversation = Conversation(
-                bot=self.bot, end_user_kind=self.end_user.kind, end_user_id=self.end_user.id[:200]
-            )
-        return turns.turn_start(conversation=conversation, content=content, caller=caller)
+    def _stream_key(self, generation_id: str, end_user: EndUser) -> str:
+        return turns.generation_get_for(generation_id=generation_id, end_user=end_user)
 
     @tenant_database_sync_to_async
-    def _stream_key(self, generation_id: str) -> str:
-        return turns.generation_get_for(generation_id=generation_id, end_user=self.end_user)
-
-    @tenant_database_sync_to_async
-    def _cancel(self, generation_id: str) -> None:
-        turns.generation_cancel(generation_id=generation_id, end_user=self.end_user)
+    def _cancel(self, generation_id: str, end_user: EndUser) -> None:
+        turns.generation_cancel(generation_id=generation_id, end_user=end_user)

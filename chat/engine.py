@@ -22,69 +22,23 @@ import structlog
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from chat import gateway, metrics, response_cache, selectors, snapshots
+from chat import admission, metrics, response_cache, selectors, snapshots
 from chat.memory import history, hot_store, persistence
 from chat.memory.records import record_new, timestamp_of
 from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
 from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generation_stream_key
+from chat.turn_job import TurnContext, TurnJob
 from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
 from tenants.config_epoch import epoch_async
+from tenants.json_input import text_sanitise
 from tenants.redis import execute_with_scripts
 
 logger = structlog.get_logger(__name__)
 
 CANCEL_CHECK_SECONDS = 0.25
 SOURCES_PER_TURN = 5
-
-
-@dataclass(frozen=True, slots=True)
-class TurnJob:
-    """What a generation worker needs to run one turn (ids only: the worker re-reads the rest)."""
-
-    schema_name: str
-    generation_id: str
-    conversation_id: str
-    user_message_id: str
-    # The user's message travels with the job: it may not be in PostgreSQL yet (batched persistence).
-    user_content: str = ""
-    user_message_ts: int = 0  # microseconds since the epoch (chat.memory.records)
-    # Per-request generation parameters (the OpenAI API's temperature, max_tokens, …), validated.
-    overrides: dict = field(default_factory=dict)
-    is_streamed: bool = True  # the client watches tokens arrive (SSE, WebSocket, stream=true)
-    # The gateway's admission ticket (chat.gateway): budget reservation, limits to charge, metering ids.
-    gateway: dict | None = None
-    # What the worker would otherwise query the conversation for: {"bot_id", "summary",
-    # "summary_until_ts"}. With it (and the bot's snapshot, chat.snapshots) a turn needs no SQL.
-    # From the OpenAI edge also "earlier" (the exchange's messages), "epoch", "inbox" (the
-    # starting web process's notification channel, chat.transports.hub) and "inbox_events" (that
-    # process takes events inside the inbox's notifications; a job without it names a process that
-    # takes only the stream's key, as before that change).
-    context: dict | None = None
-
-    @property
-    def inbox(self) -> str | None:
-        """The notification channel of the web process that started the turn, if it has one."""
-        return (self.context or {}).get("inbox")
-
-    @property
-    def inbox_events(self) -> bool:
-        return bool((self.context or {}).get("inbox_events"))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "schema_name": self.schema_name,
-            "generation_id": self.generation_id,
-            "conversation_id": self.conversation_id,
-            "user_message_id": self.user_message_id,
-            "user_content": self.user_content,
-            "user_message_ts": self.user_message_ts,
-            "overrides": self.overrides,
-            "is_streamed": self.is_streamed,
-            "gateway": self.gateway,
-            "context": self.context,
-        }
 
 
 @dataclass(slots=True)
@@ -218,7 +172,7 @@ async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
     context = job.context
     if context is None or not job.user_message_ts:
         return await in_tenant(job.schema_name, load_inputs, job)
-    if "earlier" in context and "epoch" in context:
+    if context.is_carried:
         inputs = await _inputs_carried(job, context)
         if inputs is not None:
             return inputs
@@ -228,28 +182,26 @@ async def load_inputs_async(job: TurnJob, redis: aioredis.Redis) -> TurnInputs:
         schema_name=job.schema_name, conversation_id=job.conversation_id, limit=hot_store.capacity(), client=redis
     )
     bot = await snapshots.bot_snapshot_get(
-        schema_name=job.schema_name, epoch=await epoch_async(redis, epoch, fetched=True), bot_id=context["bot_id"]
+        schema_name=job.schema_name, epoch=await epoch_async(redis, epoch, fetched=True), bot_id=context.bot_id
     )
     if bot is None:  # deleted meanwhile: the ORM path reports it as it always has
         return await in_tenant(job.schema_name, load_inputs, job)
     if records is None or (bot.history_strategy == Bot.HistoryStrategy.FULL and len(records) >= hot_store.capacity()):
         return await in_tenant(job.schema_name, load_inputs, job)
     earlier = _before_turn(job, records[-recent_limit(bot) :])
-    return inputs_from(
-        job, bot, earlier, summary=context.get("summary", ""), summary_until_ts=context.get("summary_until_ts", 0)
-    )
+    return inputs_from(job, bot, earlier, summary=context.summary, summary_until_ts=context.summary_until_ts)
 
 
-async def _inputs_carried(job: TurnJob, context: dict) -> TurnInputs | None:
+async def _inputs_carried(job: TurnJob, context: TurnContext) -> TurnInputs | None:
     """A new conversation's turn from the OpenAI edge carries everything: its earlier messages
     (the request's own) and the configuration epoch the edge admitted it under — the worker calls
     the model without a round trip. None when the bot is gone (the ORM path then reports it)."""
     bot = await snapshots.bot_snapshot_get(
-        schema_name=job.schema_name, epoch=context["epoch"].encode(), bot_id=context["bot_id"]
+        schema_name=job.schema_name, epoch=(context.epoch or "").encode(), bot_id=context.bot_id
     )
-    if bot is None:
+    if bot is None or context.earlier is None:
         return None
-    earlier = context["earlier"]
+    earlier = context.earlier
     # What the hot store would have given (its limit counts this turn's message too); full replay
     # gets everything, which the request holds.
     if bot.history_strategy != Bot.HistoryStrategy.FULL:
@@ -467,7 +419,7 @@ async def _finish(
                 pipe, schema_name=job.schema_name, conversation_id=job.conversation_id, records=[record], by_sha=True
             )
             if job.gateway is not None:
-                settlement_queued = gateway.settle_queue(pipe, job.gateway, **settlement(job, outcome))
+                settlement_queued = admission.settle_queue(pipe, job.gateway, **settlement(job, outcome))
             closing = await publisher.close_on(pipe, *terminal)
             if on_finish is not None:
                 on_finish(pipe)
@@ -527,7 +479,7 @@ def done_event(outcome: TurnOutcome) -> dict[str, Any]:
 
 
 def settlement(job: TurnJob, outcome: TurnOutcome) -> dict[str, Any]:
-    """What ``gateway.settle`` / ``settle_sync`` record for a finished turn."""
+    """What ``admission.settle`` / ``settle_queue`` record for a finished turn."""
     usage = outcome.usage
     return {
         "schema_name": job.schema_name,
@@ -662,7 +614,7 @@ async def _settle(job: TurnJob, outcome: TurnOutcome) -> None:
     """Budget settlement, the per-minute token charge and metering. Bookkeeping must not fail an
     answer already given: a failure here is logged (the reservation then expires on its own)."""
     try:
-        await gateway.settle(job.gateway, **settlement(job, outcome))
+        await admission.settle(job.gateway, **settlement(job, outcome))
     except Exception:
         logger.exception("turn_settle_failed", generation_id=job.generation_id)
 
@@ -696,9 +648,10 @@ async def _stream_answer(
                 if isinstance(event, Delta):
                     if outcome.ttft_ms is None:
                         outcome.ttft_ms = round((time.perf_counter() - started) * 1000, 2)
-                    parts.append(event.text)
-                    await publisher.add("token", {"text": event.text})
-                    for index in citations.feed(event.text):
+                    text = text_sanitise(event.text)  # what a provider sends must be storable too
+                    parts.append(text)
+                    await publisher.add("token", {"text": text})
+                    for index in citations.feed(text):
                         citation = citations.citation(index)
                         outcome.citations.append(citation)
                         await publisher.add("citation", citation)

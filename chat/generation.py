@@ -24,10 +24,11 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from chat.engine import TurnJob, TurnOutcome, run_turn, save_answer
+from chat.engine import TurnOutcome, run_turn, save_answer
 from chat.metrics import ACTIVE_GENERATIONS
 from chat.providers.base import Provider
 from chat.streams import INTERRUPTED_ERROR, JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
+from chat.turn_job import TurnJob
 from tenants.redis import get_async_redis
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class GenerationWorker:
 
     async def _handle(self, entry_id, fields, *, orphan: bool) -> None:
         try:
-            job = TurnJob(**orjson.loads(fields[b"job"]))
+            job = TurnJob.from_wire(orjson.loads(fields[b"job"]))
         except (KeyError, TypeError, ValueError):
             logger.exception("dropping malformed generation job %s", entry_id)
             await self._ack(entry_id)

@@ -49,7 +49,7 @@ class Bot(models.Model):
     theme = models.JSONField(default=default_theme)
     # Response cache settings (chat.cache.cache_settings_validate): enabled, semantic, threshold, TTL, FAQ mode.
     cache = models.JSONField(default=dict, blank=True)
-    # Per-bot and per-end-user rate limits (chat.gateway.validate_rate_limits); the plan sets the rest.
+    # Per-bot and per-end-user rate limits (chat.admission.validate_rate_limits); the plan sets the rest.
     rate_limits = models.JSONField(default=dict, blank=True)
     # HMAC key for identity verification: the customer's backend signs its user's id with it, and the
     # widget's conversation then belongs to that verified user. Empty: identity verification is off.

@@ -11,7 +11,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from chat.gateway import validate_rate_limits
+from chat.admission import validate_rate_limits
 from chat.models import Bot, Conversation, Message, default_generation, default_provider_route
 from chat.providers.registry import validate_route_config
 from chat.response_cache import cache_settings_validate

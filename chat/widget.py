@@ -224,7 +224,7 @@ def visitor_token_verify(token: str, *, schema_name: str, bot: Bot, origin: str)
 # --- limits -------------------------------------------------------------------------------------
 
 
-def _admit(*, schema_name: str, limits: list[Limit], message: str) -> None:
+def _session_limits_admit(*, schema_name: str, limits: list[Limit], message: str) -> None:
     decision = rate_limit(schema_name=schema_name, limits=limits, costs={"requests": 1})
     if decision.allowed:
         return
@@ -249,30 +249,13 @@ def client_address(meta: dict) -> str:
 def session_admit(*, schema_name: str, visitor_id: str, client_ip: str) -> None:
     """Token exchanges per visitor and per client address (429 with Retry-After): a script
     minting visitor ids is held by its address; one visitor cannot spin tokens either."""
-    _admit(
+    _session_limits_admit(
         schema_name=schema_name,
         limits=[
             Limit("widget_ip", client_ip or "unknown", "requests", settings.PARLEY_WIDGET_SESSIONS_PER_IP_PER_MINUTE),
             Limit("widget_visitor", visitor_id, "requests", settings.PARLEY_WIDGET_SESSIONS_PER_VISITOR_PER_MINUTE),
         ],
         message="Too many chat sessions started from this browser or address.",
-    )
-
-
-def message_admit(*, schema_name: str, client_ip: str) -> None:
-    """Widget messages per client address, on top of the gateway's per-visitor limits: many
-    visitor ids from one address still share one allowance."""
-    _admit(
-        schema_name=schema_name,
-        limits=[
-            Limit(
-                "widget_ip_messages",
-                client_ip or "unknown",
-                "requests",
-                settings.PARLEY_WIDGET_MESSAGES_PER_IP_PER_MINUTE,
-            ),
-        ],
-        message="Too many messages from this address.",
     )
 
 

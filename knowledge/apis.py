@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
 from knowledge import selectors, services
 from knowledge.models import Document, KnowledgeBase
 from knowledge.retrieval import retrieve
-from tenants.api_base import StrictSerializer, TenantAPIView
+from tenants.api_base import StrictQuerySerializer, StrictSerializer, TenantAPIView
 from tenants.errors import ValidationFailed
+from tenants.json_input import BoundedJSONParser
 
 # Multipart framing around the file itself; a body beyond the plan's limit plus this is refused
 # before it is read.
@@ -145,7 +146,7 @@ class DocumentJsonInputSerializer(StrictSerializer):
 
 class DocumentListCreateApi(TenantAPIView):
     required_scopes = {"GET": "knowledge:read", "POST": "knowledge:write"}
-    parser_classes = [JSONParser, MultiPartParser]
+    parser_classes = [BoundedJSONParser, MultiPartParser]
 
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=Document.Status.values, required=False)],
@@ -268,7 +269,7 @@ class SearchResultSerializer(serializers.Serializer):
 class KnowledgeBaseSearchApi(TenantAPIView):
     required_scopes = {"GET": "knowledge:read"}
 
-    class QuerySerializer(StrictSerializer):
+    class QuerySerializer(StrictQuerySerializer):
         q = serializers.CharField(max_length=2000)
         k = serializers.IntegerField(min_value=1, max_value=SEARCH_MAX_K, default=5)
         document = serializers.CharField(required=False, help_text="Comma-separated document ids to search within.")

@@ -243,7 +243,7 @@ def api_key_confirm_queue(pipe, known: KnownKey, *, client_ip: str, peek: bool =
 
 def api_key_unchanged_condition(known: KnownKey, *, client_ip: str) -> tuple[list[str], list[bytes], str]:
     """What ``api_key_confirmed`` checks, for a Redis script to check again later in the same round
-    trip (chat.gateway.AdmissionGate): the keys whose values must be unchanged, those values, and
+    trip (chat.admission.AdmissionGate): the keys whose values must be unchanged, those values, and
     the client's brute-force key, which must not exist (stricter than the limit: any recent
     failure sends the request the full way, where the limit itself is applied)."""
     from billing.ratelimit import auth_failure_key

@@ -24,7 +24,7 @@ from tenants.resolution import (
 )
 
 
-def _resolve(scope: dict[str, Any]) -> Tenant | None:
+def tenant_of_scope(scope: dict[str, Any]) -> Tenant | None:
     """The same order as the HTTP edge: the host, then the bot public id in the path."""
     host = tenant_hostname(dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1"))
     tenant = tenant_resolve_by_host(host) if host else None
@@ -41,7 +41,7 @@ class TenantWebsocketMiddleware:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        tenant = await database_sync_to_async(_resolve)(scope)
+        tenant = await database_sync_to_async(tenant_of_scope)(scope)
         if tenant is None or not tenant.is_active:
             await receive()  # the websocket.connect event
             await send({"type": "websocket.close", "code": 4403})

@@ -25,9 +25,15 @@ class HasScope(BasePermission):
         if getattr(request, "tenant", None) is None or context.tenant.pk != request.tenant.pk:
             raise AuthenticationFailed("These credentials do not belong to this tenant.")
         scopes = getattr(view, "required_scopes", {})
-        required = scopes.get(request.method, scopes.get("*"))
-        if required is None or required in context.scopes or "admin" in context.scopes:
-            return True
-        raise PermissionDeniedError(
-            f"This credential lacks the '{required}' scope needed for this operation.", code="insufficient_scope"
-        )
+        scope_require(context.scopes, scopes.get(request.method, scopes.get("*")))
+        return True
+
+
+def scope_require(held: frozenset[str], required: str | None) -> None:
+    """The one scope check of every transport: ``required`` held, or ``admin`` (which includes
+    every scope); PermissionDeniedError (403) otherwise."""
+    if required is None or required in held or "admin" in held:
+        return
+    raise PermissionDeniedError(
+        f"This credential lacks the '{required}' scope needed for this operation.", code="insufficient_scope"
+    )

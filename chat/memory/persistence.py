@@ -123,7 +123,8 @@ async def messages_persist_async(
 def conversation_record(
     *, conversation_id: str, bot_id: int, end_user_kind: str, end_user_id: str, title: str, ts: int
 ) -> dict[str, Any]:
-    """A new conversation's row for the batch writer (``ts``: microseconds since the epoch)."""
+    """A conversation's row for the batch writer (``ts``: microseconds since the epoch): a new one
+    is inserted; a stored one gets ``title`` if it has none."""
     return {
         "id": conversation_id,
         "bot_id": bot_id,
@@ -144,14 +145,17 @@ SELECT id, bot_id, kind, user_id, title, at, at, '', 0
 FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
      AS row (id, bot_id, kind, user_id, title, at)
 WHERE EXISTS (SELECT 1 FROM {bot} WHERE {bot}.id = row.bot_id)
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title WHERE {conversation}.title = ''
 """
 
 
 def _conversations_insert(cursor, conversations: Sequence[dict[str, Any]]) -> None:
     """New conversations queued with their first messages (their bot may have been deleted since:
-    skipped, and their messages with them)."""
+    skipped, and their messages with them); for a stored conversation without a title, its title.
+    One row per conversation (an upsert may not touch a row twice): the first queued wins."""
     from chat.models import Bot
+
+    conversations = list({item["id"]: item for item in reversed(conversations)}.values())
 
     cursor.execute(
         _CONVERSATIONS_SQL.format(conversation=Conversation._meta.db_table, bot=Bot._meta.db_table),

@@ -14,21 +14,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from asgiref.sync import async_to_sync
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from chat import selectors, turns
-from chat.services import validate_generation
+from chat import turns
+from chat.callers import caller_of_request
 from chat.streams import StreamEvent
 from chat.transports.hub import follow
 from chat.transports.sse import HEARTBEAT, sse_response
+from chat.turn_core import ExchangeTurn, turn_begin
+from chat.turn_input import MAX_MESSAGES, ROLES, ChatCompletionInput
 from tenants.api_base import StrictSerializer, TenantAPIView
-from tenants.errors import NotFound
-
-ROLES = ("system", "user", "assistant", "developer")
-MAX_MESSAGES = 500
 
 
 class ChatMessageSerializer(serializers.Serializer):
@@ -48,6 +47,9 @@ class ChatMessageSerializer(serializers.Serializer):
 
 
 class ChatCompletionInputSerializer(StrictSerializer):
+    """Documents the request body in the OpenAPI schema; requests are validated by the input
+    contract every transport shares (chat.turn_input.chat_completion_parse)."""
+
     model = serializers.CharField(max_length=100)
     messages = ChatMessageSerializer(many=True, allow_empty=False, max_length=MAX_MESSAGES)
     stream = serializers.BooleanField(required=False, default=False)
@@ -77,16 +79,10 @@ class ChatCompletionInputSerializer(StrictSerializer):
         return value
 
 
-def generation_overrides(data: dict) -> dict:
-    raw = {key: data.get(key) for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")}
-    raw["max_tokens"] = data.get("max_completion_tokens") or data.get("max_tokens")
-    stop = data.get("stop")
-    if stop is not None:
-        raw["stop"] = [stop] if isinstance(stop, str) else stop
-    return validate_generation({key: value for key, value in raw.items() if value is not None})
-
-
 class ChatCompletionsApi(TenantAPIView):
+    """The same endpoint as the ASGI edge (chat.transports.openai_edge) for credentials the edge
+    leaves to Django (JWT, OAuth2, a session), and for every caller with the edge switched off."""
+
     required_scopes = {"POST": "chat"}
 
     @extend_schema(
@@ -95,39 +91,19 @@ class ChatCompletionsApi(TenantAPIView):
         description="OpenAI's chat completions API; `model` is a bot's public id (see /v1/models).",
     )
     def post(self, request):
-        from chat.apis import caller_of, end_user_of  # the REST module owns the end-user mapping
-
-        serializer = ChatCompletionInputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data
-        try:
-            bot = selectors.bot_get(public_id=data["model"])
-        except NotFound:
-            raise NotFound(
-                f"The model {data['model']!r} does not exist: use a bot id from /v1/models.",
-                param="model",
-                code="model_not_found",
-            ) from None
-        overrides = generation_overrides(data)
-        end_user = end_user_of(request, data.get("user"))
-        started = turns.turn_start_from_messages(
-            bot=bot,
-            end_user=end_user,
-            messages=data["messages"],
-            overrides=overrides,
-            is_streamed=data["stream"],
-            caller=caller_of(request, bot=bot, external_user=data.get("user")),
-        )
+        started = async_to_sync(turn_begin)(caller_of_request(request), ExchangeTurn(body=request.data))
+        parsed = started.input
+        assert isinstance(parsed, ChatCompletionInput)
         completion_id = f"chatcmpl-{started.generation_id.replace('-', '')}"
         created = int(time.time())
-        if data["stream"]:
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        model = started.bot.public_id
+        if parsed.is_streamed:
             body = completion_chunks(
                 follow(started.stream_key, block_ms=15_000),
                 completion_id=completion_id,
                 created=created,
-                model=bot.public_id,
-                include_usage=include_usage,
+                model=model,
+                include_usage=parsed.include_usage,
             )
             return sse_response(body, headers=turns.streamed_turn_headers(started))
         waited = turns.turn_wait(stream_key=started.stream_key)
@@ -139,8 +115,8 @@ class ChatCompletionsApi(TenantAPIView):
             completion_body(
                 completion_id=completion_id,
                 created=created,
-                model=bot.public_id,
-                version=bot.version,
+                model=model,
+                version=started.bot.version,
                 text=waited.text,
                 done=done,
             ),

@@ -14,6 +14,7 @@ and its 403 carries nothing but the refusal.
 
 from __future__ import annotations
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils.cache import patch_vary_headers
 from django_tenants.utils import get_public_schema_name
@@ -22,18 +23,20 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 
 from chat import selectors, services, turns, widget
 from chat.apis import EventStreamNegotiationMixin
-from chat.gateway import caller_for
+from chat.callers import caller_of_request
 from chat.models import Bot, Conversation, Message
 from chat.streams import parse_last_event_id
 from chat.transports.sse import event_stream, sse_response
+from chat.turn_core import ConversationRef, ConversationTurn, turn_begin
+from chat.turn_input import MAX_MESSAGE_CHARS
 from tenants.api_base import StrictSerializer, TenantAPIView
 from tenants.authentication import AuthContext
 from tenants.errors import NotFound
+from tenants.json_input import BoundedJSONParser
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, Last-Event-ID"
@@ -47,7 +50,7 @@ EXPOSED_HEADERS = ", ".join(
 )
 
 
-class PlainTextJSONParser(JSONParser):
+class PlainTextJSONParser(BoundedJSONParser):
     """JSON sent as ``text/plain``: keeps the session exchange a CORS simple request."""
 
     media_type = "text/plain"
@@ -172,7 +175,7 @@ class SessionApi(WidgetAPIView):
 
     authentication_classes = []
     permission_classes = []
-    parser_classes = [JSONParser, PlainTextJSONParser]
+    parser_classes = [BoundedJSONParser, PlainTextJSONParser]
 
     class WidgetSessionInputSerializer(StrictSerializer):
         visitor_id = serializers.CharField(
@@ -264,7 +267,9 @@ class MessageListApi(EventStreamNegotiationMixin, WidgetAPIView):
     Server-Sent Events (read with fetch: the widget POSTs and reads the stream)."""
 
     class WidgetMessageInputSerializer(StrictSerializer):
-        content = serializers.CharField(trim_whitespace=False, allow_blank=True, max_length=turns.MAX_MESSAGE_CHARS + 1)
+        """Documents the body; chat.turn_input.message_input_parse validates it (every transport)."""
+
+        content = serializers.CharField(trim_whitespace=False, max_length=MAX_MESSAGE_CHARS)
 
     @extend_schema(responses=WidgetMessageSerializer(many=True))
     def get(self, request, public_id: str, conversation_id: str):
@@ -283,15 +288,13 @@ class MessageListApi(EventStreamNegotiationMixin, WidgetAPIView):
         conversation = widget.conversation_get_for_visitor(
             bot=self.bot, visitor=self.visitor, conversation_id=conversation_id
         )
-        serializer = self.WidgetMessageInputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        widget.message_admit(schema_name=request.tenant.schema_name, client_ip=_client_ip(request))
-        started = turns.turn_start(
-            conversation=conversation,
-            content=serializer.validated_data["content"],
-            is_streamed=True,
-            caller=caller_for(tenant=request.tenant, bot=self.bot, api_key_id=None, end_user=self.visitor.end_user),
+        turn = ConversationTurn(
+            bot_public_id=self.bot.public_id,
+            body=request.data,
+            conversation=ConversationRef.of(conversation),
+            always_streams=True,
         )
+        started = async_to_sync(turn_begin)(caller_of_request(request, client_ip=_client_ip(request)), turn)
         return sse_response(event_stream(started.stream_key), headers=turns.streamed_turn_headers(started))
 
 

@@ -1,4 +1,4 @@
-"""The gateway on the chat endpoints: rate limits (429) and budgets (402) refuse a turn before
+"""Admission on the chat endpoints: rate limits (429) and budgets (402) refuse a turn before
 anything is stored; admitted turns carry rate-limit headers and a ticket for the worker."""
 
 from __future__ import annotations
@@ -92,44 +92,59 @@ def test_admitted_turn_carries_a_budget_ticket_to_the_worker(client, tenant_pair
     assert ticket["reservation"]["tokens"] == ticket["estimate"] > 50
 
 
-def test_admission_reads_plan_key_overrides_and_budgets_in_one_query(tenant_pair, bot, django_assert_num_queries):
-    from chat.gateway import admit, caller_for
-    from chat.selectors import EndUser
-
+def test_admission_reads_plan_key_overrides_and_budgets_once_per_configuration_epoch(
+    tenant_pair, bot, django_assert_num_queries
+):
     api_key, _raw = make_api_key(tenant_pair.a)
     ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=7, monthly_token_budget=50_000)
-    caller = caller_for(
-        tenant=tenant_pair.a, bot=bot, api_key_id=api_key.pk, end_user=EndUser(kind="api", id=f"key:{api_key.pk}")
-    )
+    caller = _key_caller(tenant_pair.a, bot, api_key)
 
-    admit(caller=caller, prompt_chars=40, max_tokens=100)  # the month's counters start from the database once
+    _admit(caller)  # the policy is read once per epoch, and the month's counters start from the database
 
-    with django_assert_num_queries(1):
-        admission = admit(caller=caller, prompt_chars=40, max_tokens=100)
+    with django_assert_num_queries(0):
+        admission = _admit(caller)
 
     assert admission.headers["x-ratelimit-limit-requests"] == "7"
     assert admission.headers["x-ratelimit-remaining-requests"] == "5"
     assert [level[0] for level in admission.ticket["reservation"]["levels"]] == ["tenant", "key"]
 
 
-# --- the async edge's admission: rate limits and the budget in one round trip --------------------
+# --- admission: rate limits and the budget in one round trip -------------------------------------
 
 
-def _admit_async(caller, **kwargs):
+def _admit(caller, **kwargs):
+    """What the door does (chat.turn_core): prepare, queue on a pipeline, finish from its replies."""
     from asgiref.sync import async_to_sync
 
-    from chat.gateway import admit_async
+    from chat.admission import admission_prepare
     from tenants.config_epoch import epoch_sync
+    from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis
 
-    return async_to_sync(admit_async)(caller=caller, prompt_chars=40, max_tokens=100, epoch=epoch_sync(), **kwargs)
+    async def admit():
+        queued = await admission_prepare(caller=caller, prompt_chars=40, max_tokens=100, epoch=epoch_sync(), **kwargs)
+        try:
+            async with get_loop_redis().pipeline(transaction=False) as pipe:
+                queued.queue(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except REDIS_UNAVAILABLE:
+            replies = None
+        return await queued.finish(replies)
+
+    return async_to_sync(admit)()
 
 
 def _key_caller(tenant, bot, api_key):
-    from chat.gateway import caller_for
-    from chat.selectors import EndUser
+    from chat.admission import Caller
 
-    end_user = EndUser(kind="api", id=f"key:{api_key.pk}")
-    return caller_for(tenant=tenant, bot=bot, api_key_id=api_key.pk, end_user=end_user)
+    return Caller(
+        tenant=tenant,
+        bot_id=bot.pk,
+        bot_public_id=bot.public_id,
+        bot_rate_limits=bot.rate_limits or {},
+        api_key_id=api_key.pk,
+        end_user=f"key:{api_key.pk}",
+        is_end_user_limited=False,
+    )
 
 
 def _key_budget_used(tenant, api_key) -> int | None:
@@ -138,23 +153,23 @@ def _key_budget_used(tenant, api_key) -> int | None:
     return budget_used(tenant_schema=tenant.schema_name, level="key", identity=str(api_key.pk))
 
 
-def test_async_admission_refused_by_a_rate_limit_gives_its_budget_reservation_back(tenant_pair, bot):
+def test_admission_refused_by_a_rate_limit_gives_its_budget_reservation_back(tenant_pair, bot):
     from billing.ratelimit import RateLimited
 
     api_key, _raw = make_api_key(tenant_pair.a)
     ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=1, monthly_token_budget=50_000)
     caller = _key_caller(tenant_pair.a, bot, api_key)
 
-    admission = _admit_async(caller)
+    admission = _admit(caller)
     reserved = _key_budget_used(tenant_pair.a, api_key)
     with pytest.raises(RateLimited):
-        _admit_async(caller)
+        _admit(caller)
 
     assert reserved == admission.ticket["estimate"] > 0
     assert _key_budget_used(tenant_pair.a, api_key) == reserved  # the refused request's reservation went back
 
 
-def test_async_admission_refused_by_the_budget_gives_its_per_minute_tokens_back(tenant_pair, bot):
+def test_admission_refused_by_the_budget_gives_its_per_minute_tokens_back(tenant_pair, bot):
     from billing.budgets import BudgetExceeded
 
     api_key, _raw = make_api_key(tenant_pair.a)
@@ -164,27 +179,27 @@ def test_async_admission_refused_by_the_budget_gives_its_per_minute_tokens_back(
     caller = _key_caller(tenant_pair.a, bot, api_key)
 
     with pytest.raises(BudgetExceeded):
-        _admit_async(caller)
+        _admit(caller)
     with pytest.raises(BudgetExceeded):  # not RateLimited
-        _admit_async(caller)
+        _admit(caller)
 
     assert _key_budget_used(tenant_pair.a, api_key) == 0
 
 
-def test_async_admission_loads_the_scripts_again_after_redis_lost_them(tenant_pair, bot):
+def test_admission_loads_the_scripts_again_after_redis_lost_them(tenant_pair, bot):
     api_key, _raw = make_api_key(tenant_pair.a)
     ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=5, monthly_token_budget=50_000)
     caller = _key_caller(tenant_pair.a, bot, api_key)
-    _admit_async(caller)
+    _admit(caller)
     get_redis().script_flush()
 
-    admission = _admit_async(caller)
+    admission = _admit(caller)
 
     assert admission.headers["x-ratelimit-remaining-requests"] == "3"
     assert _key_budget_used(tenant_pair.a, api_key) == 2 * admission.ticket["estimate"]
 
 
-def test_async_admission_keeps_refusing_over_the_limit_when_its_pipeline_cannot_run(tenant_pair, bot, monkeypatch):
+def test_admission_keeps_refusing_over_the_limit_when_its_pipeline_cannot_run(tenant_pair, bot, monkeypatch):
     """The one-round-trip pipeline failing (a connection error) falls back to the checks one at a
     time: a request over its limit is still refused there."""
     from redis.asyncio.client import Pipeline
@@ -195,14 +210,14 @@ def test_async_admission_keeps_refusing_over_the_limit_when_its_pipeline_cannot_
     api_key, _raw = make_api_key(tenant_pair.a)
     ApiKeyBudget.objects.create(api_key=api_key, requests_per_minute=1, monthly_token_budget=50_000)
     caller = _key_caller(tenant_pair.a, bot, api_key)
-    _admit_async(caller)
+    _admit(caller)
 
     async def unreachable(self, raise_on_error=True):
         raise RedisConnectionError("Connection refused")
 
     monkeypatch.setattr(Pipeline, "execute", unreachable)
     with pytest.raises(RateLimited):
-        _admit_async(caller)
+        _admit(caller)
 
 
 def test_an_admission_undone_gives_back_its_request_its_tokens_and_its_reservation(tenant_pair, bot):
@@ -211,7 +226,7 @@ def test_an_admission_undone_gives_back_its_request_its_tokens_and_its_reservati
     gave everything back."""
     from asgiref.sync import async_to_sync
 
-    from chat.gateway import admission_prepare
+    from chat.admission import admission_prepare
     from tenants.config_epoch import epoch_sync
     from tenants.redis import get_loop_redis
 
@@ -220,7 +235,7 @@ def test_an_admission_undone_gives_back_its_request_its_tokens_and_its_reservati
         api_key=api_key, requests_per_minute=2, tokens_per_minute=250, monthly_token_budget=50_000
     )
     caller = _key_caller(tenant_pair.a, bot, api_key)
-    first = _admit_async(caller)  # also loads the scripts and the month's budget counters
+    first = _admit(caller)  # also loads the scripts and the month's budget counters
     estimate = first.ticket["estimate"]
 
     async def admit_then_undo():
@@ -236,6 +251,6 @@ def test_an_admission_undone_gives_back_its_request_its_tokens_and_its_reservati
     async_to_sync(admit_then_undo)()
     assert _key_budget_used(tenant_pair.a, api_key) == estimate
 
-    admission = _admit_async(caller)  # RateLimited here if the request or its tokens were kept
+    admission = _admit(caller)  # RateLimited here if the request or its tokens were kept
     assert admission.headers["x-ratelimit-remaining-requests"] == "0"
     assert _key_budget_used(tenant_pair.a, api_key) == 2 * estimate

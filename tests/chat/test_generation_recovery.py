@@ -12,11 +12,11 @@ from django.test import Client
 from django_tenants.utils import tenant_context
 from redis.exceptions import ResponseError
 
-from chat.engine import TurnJob
 from chat.memory.persistence import messages_flush
 from chat.models import Message
 from chat.providers.local import LocalProvider
 from chat.streams import JOBS_GROUP, JOBS_STREAM, generation_stream_key
+from chat.turn_job import TurnJob
 from tenants.redis import get_redis
 from tests.chat.turn_fixtures import WorkerThread, sse_events
 from tests.factories import bearer
@@ -66,7 +66,7 @@ def test_a_dead_workers_half_streamed_answer_is_ended_and_stored(live, django_db
     redis = get_redis()
     with contextlib.suppress(ResponseError):  # the group exists already
         redis.xgroup_create(JOBS_STREAM, JOBS_GROUP, id="0", mkstream=True)
-    redis.xadd(JOBS_STREAM, {"job": json.dumps(job.as_dict())})
+    redis.xadd(JOBS_STREAM, {"job": json.dumps(job.to_wire())})
     redis.xreadgroup(JOBS_GROUP, "a-worker-that-died", {JOBS_STREAM: ">"}, count=10)
     stream = generation_stream_key(schema, generation_id)
     redis.xadd(stream, {"type": "token", "data": json.dumps({"text": "Refunds are paid "})})

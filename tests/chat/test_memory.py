@@ -11,13 +11,14 @@ from asgiref.sync import async_to_sync
 from django.utils import timezone
 from django_tenants.utils import tenant_context
 
-from chat.engine import TurnJob, load_inputs
+from chat.engine import load_inputs
 from chat.memory import history, hot_store, persistence
 from chat.memory.persistence import WRITE_STREAM, messages_flush, messages_persist, messages_persist_async
 from chat.memory.records import message_of, record_new, record_of, timestamp_of
 from chat.memory.summaries import conversation_summarise
 from chat.models import Bot, Conversation, Message
 from chat.services import bot_create, conversation_create, conversations_purge_expired
+from chat.turn_job import TurnJob
 from tenants.redis import get_redis, stream_group_ensure
 
 pytestmark = pytest.mark.django_db

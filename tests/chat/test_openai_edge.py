@@ -17,8 +17,6 @@ from chat.memory.persistence import messages_flush
 from chat.metrics import EDGE_REQUESTS
 from chat.models import Conversation, Message
 from chat.services import bot_update
-from chat.transports.openai_api import ChatCompletionInputSerializer
-from chat.transports.openai_edge import _well_formed
 from tenants.models import ApiKey
 from tests.chat.turn_fixtures import hub_reads
 from tests.factories import make_api_key
@@ -137,8 +135,8 @@ async def test_edge_follows_its_turn_whichever_way_the_worker_notifies(
 ):
     """The edge's job says its process takes events inside the inbox's notifications; a worker
     that does so spares the stream's read, and one from before (the key alone) still works."""
-    from chat.engine import TurnJob
     from chat.transports.hub import get_hub
+    from chat.turn_job import TurnJob
 
     named = []
     original = TurnJob.inbox_events
@@ -223,10 +221,25 @@ async def test_edge_ends_a_stream_cleanly_when_redis_fails_after_it_started(live
         (b"{not json", 400, "invalid_json", None),
         ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_request", "model"),
         ({"model": "MODEL", "messages": []}, 400, "invalid_request", "messages"),
-        ({"model": "MODEL", "messages": [{"role": "user", "content": "   "}]}, 400, "invalid_request", "messages"),
-        ({"model": "MODEL", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_request", "messages"),
+        (
+            {"model": "MODEL", "messages": [{"role": "user", "content": "   "}]},
+            400,
+            "invalid_request",
+            "messages.0.content",
+        ),
+        (
+            {"model": "MODEL", "messages": [{"role": "assistant", "content": "hi"}]},
+            400,
+            "invalid_request",
+            "messages.0.role",
+        ),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, None, None),
-        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "invalid_request", None),
+        (
+            {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "bogus": 1},
+            400,
+            "unknown_field",
+            "bogus",
+        ),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "message_too_long", None),
         (
             {"model": "bot_doesnotexist", "messages": [{"role": "user", "content": "hi"}]},
@@ -321,50 +334,6 @@ async def test_edge_uses_the_bots_new_settings_on_the_next_request(worker, live,
     assert seen[1].startswith("You are the refunds desk.")
 
 
-PLAIN = [  # what SDKs send: the edge accepts these by itself
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}]},
-    {"model": "bot_x", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0.5},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "seed": 3, "n": 1},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"], "user": "alice"},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "top_p": None, "logprobs": False},
-]
-UNUSUAL = [  # valid or not, the serializer's to judge
-    {"model": " bot_x", "messages": [{"role": "user", "content": "hi"}]},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi", "name": "a"}]},
-    {"model": "bot_x", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "n": 2},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "user": ""},
-    {"model": "bot_x", "messages": [{"role": "robot", "content": "hi"}]},
-    {"model": "", "messages": [{"role": "user", "content": "hi"}]},
-    {"model": "bot_x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "seed": True},
-    ["not", "an", "object"],
-]
-
-
-@pytest.mark.parametrize(
-    ("data", "is_plain"),
-    [(data, True) for data in PLAIN] + [(data, False) for data in UNUSUAL],
-    ids=lambda value: json.dumps(value)[:60] if not isinstance(value, bool) else "",
-)
-def test_edge_fast_validation_agrees_with_the_views_serializer_case(data, is_plain):
-    """What the edge accepts by itself the serializer accepts, with the same cleaned values;
-    everything else goes to the serializer (None), which then words the error."""
-    fast = _well_formed(data)
-    serializer = ChatCompletionInputSerializer(data=data)
-
-    assert (fast is not None) == is_plain
-    if fast is None:
-        return
-    assert serializer.is_valid(), serializer.errors
-    expected = {key: value for key, value in serializer.validated_data.items() if key in fast or key == "stream"}
-    assert fast == {**expected, "messages": [dict(message) for message in serializer.validated_data["messages"]]}
-
-
 async def test_edge_leaves_other_credentials_to_django(live, django_db_blocker):
     """A bearer that is not an API key (a JWT, an OAuth2 token) goes through Django's view."""
     served_here = sum(sample.value for sample in EDGE_REQUESTS.collect()[0].samples if sample.name.endswith("_total"))
@@ -450,21 +419,22 @@ async def test_a_key_the_edge_accepted_before_is_confirmed_in_the_admissions_rou
     # key was remembered with what it read); the others were confirmed in one round trip.
     assert len(full) == 2
     remaining = [int(response.headers["x-ratelimit-remaining-requests"]) for response in (responses[0], responses[3])]
-    assert remaining[0] - remaining[1] == 3  # each request counted once
+    # Each request counted once (600 a minute refill one every 100 ms: a slow machine may see one back).
+    assert remaining[0] - remaining[1] in (2, 3)
 
 
 def _confirmations(monkeypatch) -> list:
     """Every confirmation of a known key by the edge from now on: True when it held."""
-    from chat.transports import openai_edge
+    from chat import turn_core
 
     results = []
-    real = openai_edge.api_key_confirmed
+    real = turn_core.api_key_confirmed
 
     async def recorded(*args, **kwargs):
         results.append(await real(*args, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(openai_edge, "api_key_confirmed", recorded)
+    monkeypatch.setattr(turn_core, "api_key_confirmed", recorded)
     return results
 
 
@@ -550,21 +520,21 @@ async def test_turns_end_whole_after_redis_lost_its_scripts(worker, live, django
     assert streamed.text.rstrip().endswith("data: [DONE]")
 
 
-# --- a known key's admission and turn in one round trip (chat.gateway.AdmissionGate) ------------
+# --- a known key's admission and turn in one round trip (chat.admission.AdmissionGate) ------------
 
 
 def _turns_started_apart(monkeypatch) -> list:
-    """The turns the edge queues in a round trip of their own from now on (not in the admission's)."""
-    from chat import turns
+    """The turns the door queues in a round trip of their own from now on (not in the admission's)."""
+    from chat import turn_core
 
     started = []
-    real = turns.EdgeTurn.start
+    real = turn_core._start
 
-    async def recorded(self, *args, **kwargs):
-        started.append(self.job.generation_id)
-        return await real(self, *args, **kwargs)
+    async def recorded(prepared, *args, **kwargs):
+        started.append(prepared.job.generation_id)
+        return await real(prepared, *args, **kwargs)
 
-    monkeypatch.setattr(turns.EdgeTurn, "start", recorded)
+    monkeypatch.setattr(turn_core, "_start", recorded)
     return started
 
 

@@ -122,7 +122,7 @@ def test_provider_failure_is_a_clear_error(worker, live, provider_choice):
         ("", 400, "invalid_request"),
         ("   ", 400, "invalid_request"),
         ("x" * 32_001, 400, "message_too_long"),
-        ("a\u0000b", 400, "invalid_request"),
+        ("a\u0000b", 400, "invalid_text"),
     ],
     ids=["empty_case", "blank_case", "huge_case", "nul_case"],
 )

@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.db import connection
 from django.utils import timezone
 from django_tenants.utils import tenant_context
 
+from chat.callers import caller_of_api_key_context
 from chat.models import Bot, Conversation
 from chat.services import bot_create, conversation_create
-from chat.turns import turn_start
+from chat.turn_core import ConversationRef, ConversationTurn, turn_begin
 from knowledge.models import Document, KnowledgeBase
 from knowledge.services import document_create_from_text, knowledge_base_create
+from tenants.authentication import AuthContext
 from tenants.models import ApiKey
 from tenants.resolution import api_key_cache_invalidate
 from tenants.services import api_key_revoke, membership_set
@@ -115,7 +118,16 @@ def _objects(tenant, label: str, *, id_floor: int = 0) -> TenantObjects:
     with tenant_context(tenant):
         bot = bot_create(name=f"{label}-secret-bot")
         conversation = conversation_create(bot=bot, end_user_kind="api", end_user_id=f"key:{key.pk}")
-        generation_id = turn_start(conversation=conversation, content="hello").generation_id
+        caller = caller_of_api_key_context(
+            tenant=tenant,
+            epoch=None,  # read by the core
+            context=AuthContext(kind="api_key", tenant=tenant, scopes=frozenset({"chat"}), api_key_id=key.pk),
+            client_ip="127.0.0.1",
+        )
+        turn = ConversationTurn(
+            bot_public_id=bot.public_id, body={"content": "hello"}, conversation=ConversationRef.of(conversation)
+        )
+        generation_id = async_to_sync(turn_begin)(caller, turn).generation_id
         if id_floor:
             # Integer ids count per schema: without this, B's knowledge base could have the same
             # id as A's, and "B's id" would name A's own object.
