@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 from billing import selectors, services
 from billing.budgets import current_month
 from billing.providers import billing_provider_get
-from tenants.api_base import StrictSerializer, TenantAPIView
+from tenants.api_base import StrictQuerySerializer, TenantAPIView
 from tenants.errors import ValidationFailed
 
 MAX_RANGE_DAYS = 366
@@ -29,7 +29,7 @@ _MONTH = re.compile(r"^(?P<year>\d{4})-(?P<month>0[1-9]|1[0-2])$")
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
-class UsageRangeSerializer(StrictSerializer):
+class UsageRangeSerializer(StrictQuerySerializer):
     """``from`` / ``to`` (inclusive, UTC days); defaults: today, and the first day of ``to``'s month."""
 
     def get_fields(self):
@@ -172,7 +172,7 @@ class UsageExportApi(TenantAPIView):
         return response
 
 
-class InvoiceQuerySerializer(StrictSerializer):
+class InvoiceQuerySerializer(StrictQuerySerializer):
     month = serializers.CharField(required=False, help_text="YYYY-MM (default: this month)")
 
     def validate_month(self, value: str) -> str:

@@ -54,9 +54,10 @@ schema.app = WSGIHandler()
 
 
 @pytest.fixture
-def _requests_keep_the_test_transaction(db):
+def _requests_keep_the_test_transaction(widget_visitor):
     """Requests run inside the test's transaction: as Django's test client does, they must not
-    close the connection (which would end the transaction) when they start or finish."""
+    close the connection (which would end the transaction) when they start or finish. Set up
+    after the test client's requests (the widget visitor's), which connect the handlers again."""
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     yield
@@ -65,9 +66,12 @@ def _requests_keep_the_test_transaction(db):
 
 
 @pytest.fixture
-def admin_key(tenant_pair, _requests_keep_the_test_transaction) -> str:
+def admin_key(db, tenant_pair) -> str:
     _, raw_key = make_api_key(tenant_pair.a, name="schemathesis")
     return raw_key
+
+
+WIDGET_PAGE = "https://shop.example"
 
 
 @pytest.fixture
@@ -75,7 +79,7 @@ def existing_ids(tenant_pair, admin_key) -> dict[str, str]:
     """Real objects for the path parameters: without them every operation on one object is a 404."""
     other_key, _ = make_api_key(tenant_pair.a, name="another key")
     with tenant_context(tenant_pair.a):
-        bot = chat_services.bot_create(name="Schema bot")
+        bot = chat_services.bot_create(name="Schema bot", allowed_origins=[WIDGET_PAGE])
         conversation = chat_services.conversation_create(bot=bot, end_user_kind="api", end_user_id="key:schema")
         knowledge_base = knowledge_services.knowledge_base_create(name="Schema knowledge")
         document, _ = knowledge_services.document_create(
@@ -84,15 +88,31 @@ def existing_ids(tenant_pair, admin_key) -> dict[str, str]:
     return {
         "api_key_id": str(other_key.pk),
         "bot_id": bot.public_id,
+        "public_id": bot.public_id,  # the widget's routes
         "conversation_id": str(conversation.pk),
         "kb_id": str(knowledge_base.pk),
         "document_id": str(document.pk),
     }
 
 
+@pytest.fixture
+def widget_visitor(client, existing_ids) -> dict[str, str]:
+    """A widget visitor on an allowed page: its headers, and a conversation of its own."""
+    widget = f"/api/v1/widget/bots/{existing_ids['public_id']}"
+    session = client.post(
+        f"{widget}/session/", {"visitor_id": "schemathesis-visitor"}, "application/json", HTTP_ORIGIN=WIDGET_PAGE
+    )
+    headers = {"Authorization": f"Bearer {session.json()['token']}", "Origin": WIDGET_PAGE}
+    conversation = client.post(f"{widget}/conversations/", {}, "application/json", headers=headers)
+    return {"headers": headers, "conversation_id": conversation.json()["id"]}
+
+
 # Posting a message with a real conversation starts a chat turn, which waits for a generation
 # worker: those operations keep the generated ids (404s), the turn's own tests cover the rest.
-STARTS_A_TURN = {("POST", "/api/v1/conversations/{conversation_id}/messages/")}
+STARTS_A_TURN = {
+    ("POST", "/api/v1/conversations/{conversation_id}/messages/"),
+    ("POST", "/api/v1/widget/bots/{public_id}/conversations/{conversation_id}/messages/"),
+}
 
 
 def _with_existing_ids(case, existing_ids: dict[str, str]) -> None:
@@ -115,10 +135,16 @@ def _with_existing_ids(case, existing_ids: dict[str, str]) -> None:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_responses_match_the_openapi_schema(case, admin_key, existing_ids):
-    _with_existing_ids(case, existing_ids)
+@pytest.mark.usefixtures("_requests_keep_the_test_transaction")
+def test_responses_match_the_openapi_schema(case, admin_key, existing_ids, widget_visitor):
+    if case.path.startswith("/api/v1/widget/"):
+        _with_existing_ids(case, {**existing_ids, "conversation_id": widget_visitor["conversation_id"]})
+        headers = widget_visitor["headers"]
+    else:
+        _with_existing_ids(case, existing_ids)
+        headers = {"Authorization": f"Bearer {admin_key}"}
 
-    case.call_and_validate(headers={"Authorization": f"Bearer {admin_key}"}, checks=CHECKS)
+    case.call_and_validate(headers=headers, checks=CHECKS)
 
 
 def _operations_with_json_bodies() -> list[tuple[str, str]]:
