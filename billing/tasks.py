@@ -12,12 +12,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from celery import shared_task
-from django.db import connection
 
 from billing import services
 from billing.budgets import budget_reservations_expire
 from billing.metering import usage_flush
 from billing.selectors import months_ago
+from tenants.connection import connection
 
 USAGE_FLUSH_BATCH_SIZE = 1_000  # one INSERT of 15,000 parameters: a few milliseconds
 USAGE_FLUSH_MAX_BATCHES = 10  # bounds a run to ~1 s of work so runs every 2 s never pile up

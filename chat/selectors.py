@@ -68,10 +68,9 @@ def message_records_newest(*, conversation_id: str, limit: int) -> list[dict]:
 def _recent_unstored(conversation: Conversation) -> list[Message]:
     """Messages of the conversation that the hot store holds (batched persistence: perhaps not in
     PostgreSQL yet). Read-your-writes for the APIs."""
-    from django.db import connection
-
     from chat.memory import hot_store
     from chat.memory.records import message_of
+    from tenants.connection import connection
 
     recent = hot_store.hot_recent(
         schema_name=connection.schema_name,

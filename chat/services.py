@@ -6,7 +6,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -18,6 +18,7 @@ from chat.response_cache import cache_settings_validate
 from chat.widget import origin_normalise
 from knowledge.models import KnowledgeBase
 from tenants.config_epoch import config_changed
+from tenants.connection import connection
 from tenants.errors import ValidationFailed
 from tenants.models import PublicBot
 from tenants.resolution import public_bot_cache_invalidate

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import structlog
 from celery import shared_task
-from django.db import connection
 from django_tenants.utils import schema_context
 
 from chat.memory.persistence import messages_flush
 from chat.services import conversations_purge_expired
+from tenants.connection import connection
 
 logger = structlog.get_logger(__name__)
 

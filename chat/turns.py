@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
-from django.db import connection
 
 from chat.selectors import EndUser
 from chat.streams import (
@@ -21,6 +20,7 @@ from chat.streams import (
     generation_owner_key,
     generation_stream_key,
 )
+from tenants.connection import connection
 from tenants.errors import NotFound, ParleyError
 from tenants.redis import get_redis
 

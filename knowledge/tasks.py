@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from celery import shared_task
-from django.db import OperationalError, connection
+from django.db import OperationalError
 from django_tenants.utils import get_tenant_model, schema_context
 
 from knowledge import services
 from knowledge.embedders.base import EmbedderError
 from knowledge.fetching import FetchError
+from tenants.connection import connection
 
 TRANSIENT_ERRORS = (EmbedderError, FetchError, OperationalError)
 MAX_RETRIES = 5

@@ -33,7 +33,7 @@ from tenants.resolution import (
 from tenants.services import api_key_hash, api_key_parse_prefix
 
 ALL_SCOPES = frozenset(ApiKey.Scope.values)
-ROLE_SCOPES = {
+ROLE_SCOPES: dict[str, frozenset[str]] = {
     Membership.Role.OWNER: ALL_SCOPES,
     Membership.Role.ADMIN: ALL_SCOPES,
     Membership.Role.MEMBER: frozenset({ApiKey.Scope.CHAT, ApiKey.Scope.KNOWLEDGE_READ}),
@@ -162,11 +162,13 @@ async def api_key_authenticate_async(raw_key: str, *, host: str, client_ip: str,
     _user, context = await api_key_verify_async(
         raw_key, tenant=tenant, record=record, client_ip=client_ip, retry_after=retry_after
     )
-    if None not in resolved.raws:  # (values the database gave are not the cache's yet)
+    assert record is not None  # api_key_verify_async refuses a key without a record
+    raws = tuple(raw for raw in resolved.raws if raw is not None)
+    if len(raws) == len(resolved.raws):  # (values the database gave are not the cache's yet)
         _remember(
             KnownKey(
                 hostname=hostname,
-                raws=resolved.raws,
+                raws=raws,
                 epoch=resolved.epoch,
                 tenant=tenant,
                 record=record,
@@ -364,6 +366,7 @@ class TenantJWTAuthentication(JWTAuthentication):
         if tenant is None or validated.get("tenant") != tenant.schema_name:
             raise AuthenticationFailed("This token was not issued for this tenant.", code="invalid_token")
         user = self.get_user(validated)
+        assert isinstance(user, User)  # simplejwt types it as any user model; ours is User
         scopes = membership_scopes(user, tenant)
         if scopes is None:
             raise AuthenticationFailed("You are not a member of this tenant.", code="invalid_token")
@@ -418,7 +421,9 @@ class TenantSessionAuthentication(SessionAuthentication):
             return None
         user, _ = result
         tenant = _tenant_of(request)
-        scopes = membership_scopes(user, tenant) if tenant is not None else None
+        if tenant is None:
+            return None
+        scopes = membership_scopes(user, tenant)
         if scopes is None:
             return None
         return user, AuthContext(kind="session", tenant=tenant, scopes=scopes)

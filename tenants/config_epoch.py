@@ -18,7 +18,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from django.db import transaction
@@ -61,10 +61,10 @@ def config_changed() -> None:
 
 def epoch_sync() -> bytes:
     redis = get_redis()
-    value = redis.get(EPOCH_KEY)
+    value = cast(bytes | None, redis.get(EPOCH_KEY))
     if value is None:
         token = _new_token()
-        return token if redis.set(EPOCH_KEY, token, nx=True) else (redis.get(EPOCH_KEY) or token)
+        return token if redis.set(EPOCH_KEY, token, nx=True) else (cast(bytes | None, redis.get(EPOCH_KEY)) or token)
     return value
 
 

@@ -6,17 +6,21 @@ connection switched to its schema; nothing below re-derives it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import structlog
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import set_urlconf
 from django.utils.functional import SimpleLazyObject
 
+from tenants.connection import connection
 from tenants.errors import TenantSuspended, error_response
 from tenants.health import readiness
+from tenants.models import Membership, Tenant, User
 from tenants.resolution import (
+    ApiKeyRecord,
     bot_public_id_from_path,
     public_tenant,
     tenant_and_key_resolve,
@@ -44,6 +48,14 @@ class HealthCheckMiddleware:
         return self.get_response(request)
 
 
+class TenantRequest(HttpRequest):
+    """A request as it leaves ``TenantResolutionMiddleware``: what views below it may read. For
+    type checkers only (views declare ``request: TenantRequest``); requests keep their own class."""
+
+    tenant: Tenant  # the public stand-in (``public_tenant()``) where no tenant was found
+    api_key_record: ApiKeyRecord | None  # set only where ``Authorization`` carried a key's prefix
+
+
 class TenantResolutionMiddleware:
     """Host first (``<slug>.<PARLEY_BASE_DOMAIN>``), then — on any host — the API key prefix in
     ``Authorization: Bearer``, then a widget bot's public id (path or ``X-Parley-Bot``).
@@ -55,7 +67,7 @@ class TenantResolutionMiddleware:
     def __init__(self, get_response) -> None:
         self.get_response = get_response
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    def __call__(self, request: TenantRequest) -> HttpResponse:
         structlog.contextvars.clear_contextvars()
         connection.set_schema_to_public()
         prefix = self._api_key_prefix(request)
@@ -118,13 +130,14 @@ class TenantMembershipMiddleware:
         session_user = request.user
         tenant = getattr(request, "tenant", None)
         if tenant is not None and tenant.schema_name != "public":
-            request.user = SimpleLazyObject(lambda: _member_or_anonymous(session_user, tenant))
+            # A lazy stand-in for the user, as Django's own AuthenticationMiddleware sets.
+            request.user = cast(
+                "User | AnonymousUser", SimpleLazyObject(lambda: _member_or_anonymous(session_user, tenant))
+            )
         return self.get_response(request)
 
 
-def _member_or_anonymous(user, tenant):
-    from tenants.models import Membership
-
+def _member_or_anonymous(user: User | AnonymousUser, tenant: Tenant) -> User | AnonymousUser:
     if not user.is_authenticated:
         return user
     if Membership.objects.filter(user_id=user.pk, tenant_id=tenant.pk).exists():

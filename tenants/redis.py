@@ -11,10 +11,12 @@ import hashlib
 import socket
 import weakref
 from functools import cache
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.asyncio.connection import AbstractConnection
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -32,6 +34,8 @@ POOL_WAIT_SECONDS = 20
 DEFAULT_MAX_CONNECTIONS = 200
 
 
+# redis-py's command methods are typed once for its sync and asyncio clients alike (every reply
+# ``Awaitable[Any] | Any``): replies of the sync client are ``cast`` to what the command returns.
 @cache
 def get_redis() -> redis.Redis:
     # Blocking reads (XREAD BLOCK ≤ 15 s) must not hit the socket timeout (redis-py's default is 5 s).
@@ -90,9 +94,16 @@ class _PackedByHiredis:
         return self._serializer.pack(*args)
 
 
-@cache
-def _packed_by_hiredis(connection_class: type) -> type:
-    return type(f"Hiredis{connection_class.__name__}", (_PackedByHiredis, connection_class), {})
+_packed_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    packed = _packed_classes.get(connection_class)
+    if packed is None:
+        packed = _packed_classes[connection_class] = type(
+            f"Hiredis{connection_class.__name__}", (_PackedByHiredis, connection_class), {}
+        )
+    return packed
 
 
 def get_async_redis() -> aioredis.Redis:
@@ -135,10 +146,10 @@ def tenant_keys_purge(schema_name: str) -> int:
     for key in client.scan_iter(match=tenant_key(schema_name, "*"), count=PURGE_BATCH):
         batch.append(key)
         if len(batch) >= PURGE_BATCH:
-            deleted += client.unlink(*batch)
+            deleted += cast(int, client.unlink(*batch))
             batch.clear()
     if batch:
-        deleted += client.unlink(*batch)
+        deleted += cast(int, client.unlink(*batch))
     return deleted
 
 
@@ -161,19 +172,23 @@ def stream_batch_read(
     entries trimmed from the stream meanwhile — already acknowledged here). Creates the group on
     first use."""
     try:
-        claimed = client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle_ms, count=batch_size)
+        claimed = cast(
+            list[Any], client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle_ms, count=batch_size)
+        )
     except redis.exceptions.ResponseError as error:
         if "NOGROUP" not in str(error):
             raise
         stream_group_ensure(client, stream, group)
-        claimed = client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle_ms, count=batch_size)
+        claimed = cast(
+            list[Any], client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle_ms, count=batch_size)
+        )
     entries = [entry for entry in claimed[1] if entry and entry[1]]
     trimmed = list(claimed[2]) if len(claimed) > 2 else []
     if trimmed:
         client.xack(stream, group, *trimmed)
     room = batch_size - len(entries)
     if room > 0:
-        response = client.xreadgroup(group, consumer, {stream: ">"}, count=room)
+        response = cast(list[Any] | None, client.xreadgroup(group, consumer, {stream: ">"}, count=room))
         for _stream_name, new_entries in response or []:
             entries += new_entries
     return entries, trimmed

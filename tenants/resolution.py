@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from asgiref.sync import sync_to_async
@@ -76,7 +76,7 @@ def _cached(kind: str, value: str, load, *, raw: bytes | None = None, fetched: b
     key = _cache_key(kind, value)
     redis = get_redis()
     if not fetched:
-        raw = redis.get(key)
+        raw = cast(bytes | None, redis.get(key))
     if raw == _MISSING:
         return None
     if raw is not None:
@@ -152,7 +152,7 @@ def tenant_and_key_resolve(hostname: str | None, prefix: str | None) -> tuple[Te
     wanted = [(kind, value, loader) for kind, value, loader in names if value]
     if not wanted:
         return None, None
-    raws = get_redis().mget([_cache_key(kind, value) for kind, value, _loader in wanted])
+    raws = cast(list[bytes | None], get_redis().mget([_cache_key(kind, value) for kind, value, _loader in wanted]))
     found = {
         kind: _cached(kind, value, loader(value), raw=raw, fetched=True)
         for (kind, value, loader), raw in zip(wanted, raws, strict=True)

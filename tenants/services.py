@@ -19,11 +19,12 @@ from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.mail import send_mail
 from django.core.management import call_command
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django_tenants.utils import schema_exists
 
 from billing.models import Plan
+from tenants.connection import connection
 from tenants.errors import Conflict, ValidationFailed
 from tenants.models import ApiKey, Domain, Invitation, Membership, PublicBot, SchemaTemplate, Tenant, User
 from tenants.redis import tenant_keys_purge
