@@ -29,7 +29,6 @@ from chat.models import Bot, Conversation, Message
 from chat.providers.base import ChatRequest, Citation, Delta, Provider, ProviderError, Source, Usage
 from chat.streams import STARTED_EVENT, CoalescingPublisher, cancel_key, generation_stream_key
 from chat.turn_job import TurnContext, TurnJob
-from knowledge.retrieval import retrieve
 from tenants.asyncdb import in_tenant
 from tenants.config_epoch import epoch_async
 from tenants.json_input import text_sanitise
@@ -213,6 +212,10 @@ async def _inputs_carried(job: TurnJob, context: TurnContext) -> TurnInputs | No
 def retrieve_sources(inputs: TurnInputs) -> list[Source]:
     if not inputs.knowledge_base_ids:
         return []
+    # Imported here: web processes import this module for the door's cache key, and never pay
+    # for retrieval's embedder (numpy, torch) that only workers use.
+    from knowledge.retrieval import retrieve
+
     chunks = retrieve(knowledge_base_ids=inputs.knowledge_base_ids, query=inputs.user_content, limit=SOURCES_PER_TURN)
     return [
         Source(
@@ -528,8 +531,10 @@ def cache_request(job: TurnJob, inputs: TurnInputs) -> CacheRequest | None:
 
 
 async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> response_cache.CachedAnswer | None:
+    from chat.response_cache.lookup import cache_lookup  # the worker's: the semantic layer (numpy)
+
     try:
-        return await response_cache.cache_lookup(
+        return await cache_lookup(
             lookup.scope, exact=lookup.exact, question=lookup.question, cache_settings=inputs.cache, redis=redis
         )
     except Exception:
@@ -539,8 +544,10 @@ async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> resp
 
 async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, redis) -> None:
     usage = outcome.usage
+    from chat.response_cache.storage import cache_store  # the worker's: the semantic layer (numpy)
+
     try:
-        await response_cache.cache_store(
+        await cache_store(
             lookup.scope,
             exact=lookup.exact,
             question=lookup.question,

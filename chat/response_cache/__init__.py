@@ -18,19 +18,18 @@ expiry lets one atomic script drop expired entries and evict past the caps.
 (:func:`is_cacheable`), unless the bot opts in with ``allow_nondeterministic``.
 """
 
+# What the web side needs (keys, the exact layer, settings) imports no numpy and no model: the
+# layers that do (``lookup``, ``storage``: the semantic layer) are imported by the worker from
+# their modules.
 from chat.response_cache.exact import exact_answer, exact_entry_key, exact_lookup
 from chat.response_cache.keys import CachedAnswer, CacheScope, exact_key, generation_digest
-from chat.response_cache.lookup import cache_lookup
 from chat.response_cache.settings import CACHE_SETTINGS_DEFAULTS, cache_settings_validate, is_cacheable
-from chat.response_cache.storage import cache_store
 
 __all__ = [
     "CACHE_SETTINGS_DEFAULTS",
     "CacheScope",
     "CachedAnswer",
-    "cache_lookup",
     "cache_settings_validate",
-    "cache_store",
     "exact_answer",
     "exact_entry_key",
     "exact_key",

@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from chat.response_cache.embeddings import embedder_key
 from tenants.redis import tenant_key
 
 
@@ -74,6 +73,8 @@ def _exact_member(digest: str) -> str:
 
 def _semantic_member(scope: CacheScope) -> str:
     """The scope's part of its keys: readable ids, then a digest of the rest (any length)."""
+    from chat.response_cache.embeddings import embedder_key  # the semantic layer's (numpy, the model)
+
     rest = f"{scope.knowledge_signature}\x00{scope.generation_signature}\x00{embedder_key()}"
     return f"s:{scope.bot_id}:{scope.bot_version}:{hashlib.sha256(rest.encode()).hexdigest()[:16]}"
 

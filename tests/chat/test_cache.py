@@ -14,13 +14,13 @@ from prometheus_client import REGISTRY
 from chat.response_cache import (
     CACHE_SETTINGS_DEFAULTS,
     CacheScope,
-    cache_lookup,
     cache_settings_validate,
-    cache_store,
     exact_key,
     generation_digest,
     is_cacheable,
 )
+from chat.response_cache.lookup import cache_lookup
+from chat.response_cache.storage import cache_store
 from chat.response_cache.verification import _SYNONYM_GROUPS, _term, paraphrase_rejection
 from tenants.errors import ValidationFailed
 from tenants.redis import get_async_redis

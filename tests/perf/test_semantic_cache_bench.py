@@ -38,15 +38,15 @@ import numpy as np
 
 from chat.response_cache import (
     CacheScope,
-    cache_lookup,
     cache_settings_validate,
-    cache_store,
     embeddings,
     exact_key,
     keys,
     semantic,
     verification,
 )
+from chat.response_cache.lookup import cache_lookup
+from chat.response_cache.storage import cache_store
 from tenants.redis import get_async_redis, tenant_key, tenant_keys_purge
 from tests.perf.reporting import (
     Distribution,
