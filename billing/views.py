@@ -3,7 +3,7 @@ per-key breakdowns and the CSV export (billing's own export endpoint)."""
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
 
@@ -11,11 +11,11 @@ from billing import selectors
 from billing.budgets import current_month
 from chat.selectors import bot_list
 from tenants.selectors import api_key_list
-from tenants.views import site_page
+from tenants.views import SiteRequest, site_page
 
 
 @site_page(admin=True)
-def usage(request: HttpRequest) -> HttpResponse:
+def usage(request: SiteRequest) -> HttpResponse:
     tenant = request.tenant
     date_to = selectors.today()
     date_from = date_to.replace(day=1)

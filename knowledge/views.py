@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
@@ -13,7 +13,7 @@ from knowledge import selectors, services
 from knowledge.models import Document
 from knowledge.retrieval import retrieve
 from tenants.errors import ParleyError
-from tenants.views import forbidden, form_error, site_page
+from tenants.views import SiteRequest, forbidden, form_error, site_page
 
 DOCUMENTS_SHOWN = 500
 SEARCH_RESULTS = 8
@@ -46,7 +46,7 @@ class MultipleFileField(forms.FileField):
 
 
 class UploadForm(forms.Form):
-    files = MultipleFileField(
+    files = MultipleFileField(  # type: ignore[assignment]  # django-stubs: declared fields leave the class (metaclass), no clash with BaseForm.files
         label="Files", help_text="PDF, Word, HTML, Markdown, CSV or text; several at once, or drop them here."
     )
 
@@ -66,7 +66,7 @@ class SearchForm(forms.Form):
 
 
 @site_page()
-def knowledge_base_list(request: HttpRequest) -> HttpResponse:
+def knowledge_base_list(request: SiteRequest) -> HttpResponse:
     form = KnowledgeBaseForm(request.POST or None)
     if request.method == "POST":
         if not request.membership.is_admin:
@@ -93,7 +93,7 @@ def _documents_context(knowledge_base) -> dict:
     return {"knowledge_base": knowledge_base, "documents": documents, "is_busy": busy}
 
 
-def _detail(request: HttpRequest, knowledge_base, **forms_and_status) -> HttpResponse:
+def _detail(request: SiteRequest, knowledge_base, **forms_and_status) -> HttpResponse:
     status = forms_and_status.pop("status", 200)
     search = SearchForm(request.GET or None)
     results = None
@@ -112,12 +112,12 @@ def _detail(request: HttpRequest, knowledge_base, **forms_and_status) -> HttpRes
 
 
 @site_page()
-def knowledge_base_detail(request: HttpRequest, knowledge_base_id: int) -> HttpResponse:
+def knowledge_base_detail(request: SiteRequest, knowledge_base_id: int) -> HttpResponse:
     return _detail(request, selectors.knowledge_base_get(knowledge_base_id=knowledge_base_id))
 
 
 @site_page()
-def document_fragment(request: HttpRequest, knowledge_base_id: int) -> HttpResponse:
+def document_fragment(request: SiteRequest, knowledge_base_id: int) -> HttpResponse:
     """The documents table alone, polled by the page while anything is queued or processing."""
     knowledge_base = selectors.knowledge_base_get(knowledge_base_id=knowledge_base_id)
     response = render(request, "site/knowledge/_documents.html", _documents_context(knowledge_base))
@@ -127,7 +127,7 @@ def document_fragment(request: HttpRequest, knowledge_base_id: int) -> HttpRespo
 
 @site_page(admin=True)
 @require_POST
-def knowledge_base_delete(request: HttpRequest, knowledge_base_id: int) -> HttpResponse:
+def knowledge_base_delete(request: SiteRequest, knowledge_base_id: int) -> HttpResponse:
     knowledge_base = selectors.knowledge_base_get(knowledge_base_id=knowledge_base_id)
     services.knowledge_base_delete(knowledge_base=knowledge_base)
     messages.success(request, f"Knowledge base “{knowledge_base.name}” deleted.")
@@ -136,7 +136,7 @@ def knowledge_base_delete(request: HttpRequest, knowledge_base_id: int) -> HttpR
 
 @site_page(admin=True)
 @require_POST
-def document_upload(request: HttpRequest, knowledge_base_id: int) -> HttpResponse:
+def document_upload(request: SiteRequest, knowledge_base_id: int) -> HttpResponse:
     knowledge_base = selectors.knowledge_base_get(knowledge_base_id=knowledge_base_id)
     form = UploadForm(request.POST, request.FILES)
     if not form.is_valid():
@@ -164,7 +164,7 @@ def document_upload(request: HttpRequest, knowledge_base_id: int) -> HttpRespons
 
 @site_page(admin=True)
 @require_POST
-def document_add_text(request: HttpRequest, knowledge_base_id: int) -> HttpResponse:
+def document_add_text(request: SiteRequest, knowledge_base_id: int) -> HttpResponse:
     knowledge_base = selectors.knowledge_base_get(knowledge_base_id=knowledge_base_id)
     form = TextForm(request.POST)
     if form.is_valid():
@@ -185,7 +185,7 @@ def document_add_text(request: HttpRequest, knowledge_base_id: int) -> HttpRespo
 
 @site_page(admin=True)
 @require_POST
-def document_add_url(request: HttpRequest, knowledge_base_id: int) -> HttpResponse:
+def document_add_url(request: SiteRequest, knowledge_base_id: int) -> HttpResponse:
     knowledge_base = selectors.knowledge_base_get(knowledge_base_id=knowledge_base_id)
     form = UrlForm(request.POST)
     if form.is_valid():
@@ -203,7 +203,7 @@ def document_add_url(request: HttpRequest, knowledge_base_id: int) -> HttpRespon
 
 @site_page(admin=True)
 @require_POST
-def document_delete(request: HttpRequest, document_id: int) -> HttpResponse:
+def document_delete(request: SiteRequest, document_id: int) -> HttpResponse:
     document = selectors.document_get(document_id=document_id)
     services.document_delete(document=document)
     messages.success(request, f"Deleted “{document.title}”.")
@@ -212,7 +212,7 @@ def document_delete(request: HttpRequest, document_id: int) -> HttpResponse:
 
 @site_page(admin=True)
 @require_POST
-def document_reingest(request: HttpRequest, document_id: int) -> HttpResponse:
+def document_reingest(request: SiteRequest, document_id: int) -> HttpResponse:
     document = selectors.document_get(document_id=document_id)
     try:
         services.document_reingest(document=document)

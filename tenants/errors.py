@@ -153,8 +153,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, drf_exceptions.APIException):
         error_type, code = _DRF_TYPES.get(type(exc), ("invalid_request_error", exc.default_code))
         headers = {}
-        if isinstance(exc, drf_exceptions.Throttled) and exc.wait is not None:
-            headers["Retry-After"] = str(int(exc.wait))
+        if isinstance(exc, drf_exceptions.Throttled):
+            wait: float | None = exc.wait  # type: ignore[attr-defined]  # DRF's stub lacks Throttled.wait
+            if wait is not None:
+                headers["Retry-After"] = str(int(wait))
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         status = exc.status_code
         if isinstance(exc, drf_exceptions.NotAuthenticated | drf_exceptions.AuthenticationFailed):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import UTC, date, datetime, time, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
 from functools import partial, wraps
 
 from django import forms
@@ -25,6 +26,7 @@ from django.views.decorators.http import require_POST
 
 from tenants import selectors, services
 from tenants.errors import NotFound, ParleyError, PermissionDeniedError, ValidationFailed, error_body
+from tenants.middleware import TenantRequest
 from tenants.models import ApiKey, Membership, Tenant, User
 
 
@@ -98,6 +100,7 @@ def server_error(request: HttpRequest) -> HttpResponse:
 
 def lockout(request: HttpRequest, credentials: dict | None = None, *args, **kwargs) -> HttpResponse:
     """django-axes lockout: JSON in the API's error format on API paths, a page elsewhere."""
+    response: HttpResponse
     if _is_api(request):
         response = JsonResponse(
             error_body(
@@ -126,15 +129,32 @@ def _site_url(request: HttpRequest, tenant: Tenant) -> str:
     return f"{request.scheme}://{tenant.slug}.{settings.PARLEY_BASE_DOMAIN}{suffix}/"
 
 
-def site_page(*, admin: bool = False):
+@dataclass(frozen=True)
+class WorkspaceLink:
+    """A workspace in the tenant switcher: the user's membership and that workspace's site."""
+
+    membership: Membership
+    url: str
+
+
+class SiteRequest(TenantRequest):
+    """A request as ``site_page`` hands it to a view. For type checkers only (views declare
+    ``request: SiteRequest``); requests keep their own class."""
+
+    user: User  # signed in, a member of ``tenant``
+    membership: Membership  # the user's in ``tenant``
+    workspace_links: list[WorkspaceLink]  # every workspace of the user, for the tenant switcher
+
+
+def site_page(*, admin: bool = False) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
     """Every admin-site view goes through this: a tenant host, a signed-in member of that tenant
     (else the sign-in page), the owner/admin role where ``admin`` (else a 403 page). Hands the
-    view ``request.membership`` and, for the tenant switcher, ``request.memberships``. Domain
+    view ``request.membership`` and, for the tenant switcher, ``request.workspace_links``. Domain
     lookups that find nothing (missing, or another tenant's ids) become 404 pages."""
 
     def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @wraps(view)
-        def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        def wrapper(request: SiteRequest, *args, **kwargs) -> HttpResponse:
             tenant = getattr(request, "tenant", None)
             if tenant is None or tenant.schema_name == "public":
                 raise Http404("The admin site lives on a workspace's own host.")
@@ -144,9 +164,11 @@ def site_page(*, admin: bool = False):
             current = next((m for m in memberships if m.tenant_id == tenant.pk), None)
             if current is None:
                 return redirect_to_login(request.get_full_path())
-            for membership in memberships:
-                membership.site_url = _site_url(request, membership.tenant)
-            request.membership, request.memberships = current, memberships
+            request.membership = current
+            request.workspace_links = [
+                WorkspaceLink(membership=membership, url=_site_url(request, membership.tenant))
+                for membership in memberships
+            ]
             if admin and not current.is_admin:
                 return forbidden(request, "This page is for the workspace's owners and admins.")
             try:
@@ -244,65 +266,6 @@ def chart(*, title: str, days: list[date], series: list[tuple[str, list[float | 
     }
 
 
-# --- dashboard ----------------------------------------------------------------------------------
-
-DASHBOARD_PERIODS = (7, 30, 90)
-
-
-@site_page()
-def home(request: HttpRequest) -> HttpResponse:
-    from chat.selectors import dashboard_stats
-
-    try:
-        period = int(request.GET.get("days", 7))
-    except ValueError:
-        period = 7
-    if period not in DASHBOARD_PERIODS:
-        period = 7
-    date_to = timezone.now().astimezone(UTC).date()
-    date_from = date_to - timedelta(days=period - 1)
-    stats = dashboard_stats(date_from=date_from, date_to=date_to)
-    days = [row["day"] for row in stats.days]
-
-    def column(name: str) -> list:
-        return [row[name] for row in stats.days]
-
-    hit_rates = [round(100 * row["cached"] / row["answers"], 1) if row["answers"] else None for row in stats.days]
-    charts = [
-        chart(title="Conversations per day", days=days, series=[("Conversations", column("conversations"))]),
-        chart(title="Messages per day", days=days, series=[("Messages", column("messages"))]),
-        chart(
-            title="Tokens per day",
-            days=days,
-            series=[("Tokens", [row["tokens_in"] + row["tokens_out"] for row in stats.days])],
-        ),
-        chart(title="Cache hit rate (%)", days=days, series=[("Hit rate %", hit_rates)], kind="line"),
-        chart(
-            title="Time to first token (ms)",
-            days=days,
-            series=[
-                ("p50", [None if v is None else round(v) for v in column("ttft_p50")]),
-                ("p95", [None if v is None else round(v) for v in column("ttft_p95")]),
-            ],
-            kind="line",
-        ),
-        chart(title="Errors per day", days=days, series=[("Errors", column("errors"))]),
-    ]
-    return render(
-        request,
-        "site/dashboard.html",
-        {
-            "period": period,
-            "periods": DASHBOARD_PERIODS,
-            "date_from": date_from,
-            "date_to": date_to,
-            "totals": stats.totals,
-            "charts": charts,
-            "nav": "dashboard",
-        },
-    )
-
-
 # --- API keys -----------------------------------------------------------------------------------
 
 
@@ -322,7 +285,7 @@ class ApiKeyForm(forms.Form):
 
 
 @site_page(admin=True)
-def api_keys(request: HttpRequest) -> HttpResponse:
+def api_keys(request: SiteRequest) -> HttpResponse:
     """List and create. A created key's secret is rendered in this response only: it is never
     stored (only its hash is), so it cannot be shown again."""
     form = ApiKeyForm(request.POST or None, initial={"scopes": [ApiKey.Scope.CHAT]})
@@ -352,7 +315,7 @@ def api_keys(request: HttpRequest) -> HttpResponse:
 
 @site_page(admin=True)
 @require_POST
-def api_key_revoke(request: HttpRequest, api_key_id: int) -> HttpResponse:
+def api_key_revoke(request: SiteRequest, api_key_id: int) -> HttpResponse:
     api_key = selectors.api_key_get(tenant=request.tenant, api_key_id=api_key_id)
     services.api_key_revoke(api_key=api_key)
     messages.success(request, f"Key “{api_key.name}” ({api_key.prefix}) revoked.")
@@ -373,7 +336,7 @@ def _may_grant(actor: Membership, role: str) -> bool:
 
 
 @site_page(admin=True)
-def members(request: HttpRequest) -> HttpResponse:
+def members(request: SiteRequest) -> HttpResponse:
     form = InviteForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         role = form.cleaned_data["role"]
@@ -411,7 +374,7 @@ def members(request: HttpRequest) -> HttpResponse:
 
 @site_page(admin=True)
 @require_POST
-def member_role(request: HttpRequest, membership_id: int) -> HttpResponse:
+def member_role(request: SiteRequest, membership_id: int) -> HttpResponse:
     membership = selectors.membership_get(tenant=request.tenant, membership_id=membership_id)
     role = request.POST.get("role", "")
     if not (_may_grant(request.membership, role) and _may_grant(request.membership, membership.role)):
@@ -427,7 +390,7 @@ def member_role(request: HttpRequest, membership_id: int) -> HttpResponse:
 
 @site_page(admin=True)
 @require_POST
-def member_remove(request: HttpRequest, membership_id: int) -> HttpResponse:
+def member_remove(request: SiteRequest, membership_id: int) -> HttpResponse:
     membership = selectors.membership_get(tenant=request.tenant, membership_id=membership_id)
     if not _may_grant(request.membership, membership.role):
         return forbidden(request, "Only owners can remove owners.")
@@ -444,7 +407,7 @@ def member_remove(request: HttpRequest, membership_id: int) -> HttpResponse:
 
 @site_page(admin=True)
 @require_POST
-def invitation_revoke(request: HttpRequest, invitation_id: int) -> HttpResponse:
+def invitation_revoke(request: SiteRequest, invitation_id: int) -> HttpResponse:
     invitation = selectors.invitation_get(tenant=request.tenant, invitation_id=invitation_id)
     services.invitation_revoke(invitation=invitation)
     messages.success(request, f"Invitation to {invitation.email} revoked.")
