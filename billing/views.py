@@ -9,7 +9,7 @@ from django.urls import reverse
 
 from billing import selectors
 from billing.budgets import current_month
-from chat.selectors import bot_list
+from billing.labels import bot_labels
 from tenants.selectors import api_key_list
 from tenants.views import SiteRequest, site_page
 
@@ -27,7 +27,7 @@ def usage(request: SiteRequest) -> HttpResponse:
     )
     invoice = selectors.invoice_compute(tenant=tenant, month=current_month())
     plan = selectors.tenant_plan(tenant=tenant)
-    bot_names = dict(bot_list().values_list("public_id", "name"))
+    bot_names = bot_labels()
     key_names = {
         key.pk: f"{key.name} ({key.prefix})" for key in api_key_list(tenant=tenant).only("pk", "name", "prefix")
     }

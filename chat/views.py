@@ -4,6 +4,7 @@ and conversations (filtered list, transcripts). Thin: parse a form, call a servi
 from __future__ import annotations
 
 import json
+from datetime import UTC, timedelta
 
 from django import forms
 from django.conf import settings
@@ -12,13 +13,15 @@ from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 
 from chat import selectors, services, widget
 from chat.models import Bot, Conversation, Message
+from chat.selectors import dashboard_stats
 from chat.services import MASKED_SECRET, route_masked, route_secrets_restored
 from knowledge.models import KnowledgeBase
 from tenants.errors import ValidationFailed
-from tenants.views import form_error, site_page
+from tenants.views import chart, form_error, site_page
 
 CONVERSATIONS_PER_PAGE = 25
 TRANSCRIPT_MAX_MESSAGES = 1000
@@ -217,6 +220,64 @@ def bot_identity_secret_rotate(request: HttpRequest, public_id: str) -> HttpResp
     context = _bot_detail_context(request, bot)
     context["new_identity_secret"] = secret
     return render(request, "site/bots/detail.html", context)
+
+
+# --- dashboard ----------------------------------------------------------------------------------
+
+DASHBOARD_PERIODS = (7, 30, 90)
+
+
+@site_page()
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The admin site's home page: the tenant's conversations, messages, tokens, cache and latency per day."""
+    try:
+        period = int(request.GET.get("days", 7))
+    except ValueError:
+        period = 7
+    if period not in DASHBOARD_PERIODS:
+        period = 7
+    date_to = timezone.now().astimezone(UTC).date()
+    date_from = date_to - timedelta(days=period - 1)
+    stats = dashboard_stats(date_from=date_from, date_to=date_to)
+    days = [row["day"] for row in stats.days]
+
+    def column(name: str) -> list:
+        return [row[name] for row in stats.days]
+
+    hit_rates = [round(100 * row["cached"] / row["answers"], 1) if row["answers"] else None for row in stats.days]
+    charts = [
+        chart(title="Conversations per day", days=days, series=[("Conversations", column("conversations"))]),
+        chart(title="Messages per day", days=days, series=[("Messages", column("messages"))]),
+        chart(
+            title="Tokens per day",
+            days=days,
+            series=[("Tokens", [row["tokens_in"] + row["tokens_out"] for row in stats.days])],
+        ),
+        chart(title="Cache hit rate (%)", days=days, series=[("Hit rate %", hit_rates)], kind="line"),
+        chart(
+            title="Time to first token (ms)",
+            days=days,
+            series=[
+                ("p50", [None if v is None else round(v) for v in column("ttft_p50")]),
+                ("p95", [None if v is None else round(v) for v in column("ttft_p95")]),
+            ],
+            kind="line",
+        ),
+        chart(title="Errors per day", days=days, series=[("Errors", column("errors"))]),
+    ]
+    return render(
+        request,
+        "site/dashboard.html",
+        {
+            "period": period,
+            "periods": DASHBOARD_PERIODS,
+            "date_from": date_from,
+            "date_to": date_to,
+            "totals": stats.totals,
+            "charts": charts,
+            "nav": "dashboard",
+        },
+    )
 
 
 # --- conversations ------------------------------------------------------------------------------

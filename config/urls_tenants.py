@@ -12,6 +12,7 @@ from tenants.urls import api_urlpatterns, site_urlpatterns
 
 # The chat app's admin-site pages (chat/urls.py holds its API routes, shared with the public urlconf).
 chat_site_urlpatterns = [
+    path("", chat_views.dashboard, name="home"),
     path("bots/", chat_views.bot_list, name="site-bots"),
     path("bots/new/", chat_views.bot_create, name="site-bot-create"),
     path("bots/<str:public_id>/", chat_views.bot_detail, name="site-bot"),

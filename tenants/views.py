@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time
 from functools import partial, wraps
 
 from django import forms
@@ -264,65 +264,6 @@ def chart(*, title: str, days: list[date], series: list[tuple[str, list[float | 
         "right": CHART_WIDTH - CHART_PAD,
         "summary": f"{title} — {summary}",
     }
-
-
-# --- dashboard ----------------------------------------------------------------------------------
-
-DASHBOARD_PERIODS = (7, 30, 90)
-
-
-@site_page()
-def home(request: SiteRequest) -> HttpResponse:
-    from chat.selectors import dashboard_stats
-
-    try:
-        period = int(request.GET.get("days", 7))
-    except ValueError:
-        period = 7
-    if period not in DASHBOARD_PERIODS:
-        period = 7
-    date_to = timezone.now().astimezone(UTC).date()
-    date_from = date_to - timedelta(days=period - 1)
-    stats = dashboard_stats(date_from=date_from, date_to=date_to)
-    days = [row["day"] for row in stats.days]
-
-    def column(name: str) -> list:
-        return [row[name] for row in stats.days]
-
-    hit_rates = [round(100 * row["cached"] / row["answers"], 1) if row["answers"] else None for row in stats.days]
-    charts = [
-        chart(title="Conversations per day", days=days, series=[("Conversations", column("conversations"))]),
-        chart(title="Messages per day", days=days, series=[("Messages", column("messages"))]),
-        chart(
-            title="Tokens per day",
-            days=days,
-            series=[("Tokens", [row["tokens_in"] + row["tokens_out"] for row in stats.days])],
-        ),
-        chart(title="Cache hit rate (%)", days=days, series=[("Hit rate %", hit_rates)], kind="line"),
-        chart(
-            title="Time to first token (ms)",
-            days=days,
-            series=[
-                ("p50", [None if v is None else round(v) for v in column("ttft_p50")]),
-                ("p95", [None if v is None else round(v) for v in column("ttft_p95")]),
-            ],
-            kind="line",
-        ),
-        chart(title="Errors per day", days=days, series=[("Errors", column("errors"))]),
-    ]
-    return render(
-        request,
-        "site/dashboard.html",
-        {
-            "period": period,
-            "periods": DASHBOARD_PERIODS,
-            "date_from": date_from,
-            "date_to": date_to,
-            "totals": stats.totals,
-            "charts": charts,
-            "nav": "dashboard",
-        },
-    )
 
 
 # --- API keys -----------------------------------------------------------------------------------
