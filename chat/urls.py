@@ -21,8 +21,8 @@ urlpatterns = [
     ),
 ]
 
-# The embeddable widget (chat/transports/widget.py): on any host, the tenant named by the bot id.
-from chat.transports import widget as widget_apis  # noqa: E402
+# The embeddable widget (chat/transports/widget_api.py): on any host, the tenant named by the bot id.
+from chat.transports import widget_api as widget_apis  # noqa: E402
 
 WIDGET = "api/v1/widget/bots/<str:public_id>/"
 urlpatterns += [

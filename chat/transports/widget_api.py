@@ -95,7 +95,7 @@ class WidgetTokenAuthentication(BaseAuthentication):
 
 
 class WidgetTokenScheme(OpenApiAuthenticationExtension):
-    target_class = "chat.transports.widget.WidgetTokenAuthentication"
+    target_class = "chat.transports.widget_api.WidgetTokenAuthentication"
     name = "widgetToken"
 
     def get_security_definition(self, auto_schema):

@@ -1,3 +1,5 @@
+"""WebSocket routes of the chat app (Channels), mounted by config.routing."""
+
 from django.urls import path
 
 from chat.consumers import BotConsumer
