@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 import structlog
@@ -444,7 +444,7 @@ def _reservation_ttl() -> int:
 
 
 @dataclass(frozen=True)
-class _ReserveCall:
+class BudgetReserveCall:
     reservation: Reservation
     limits: tuple[BudgetLimit, ...]
     keys: tuple[str, str, str]
@@ -453,7 +453,7 @@ class _ReserveCall:
     @classmethod
     def build(
         cls, *, tenant_schema: str, limits: Sequence[BudgetLimit], tokens: int, reservation_id: str
-    ) -> _ReserveCall:
+    ) -> BudgetReserveCall:
         if tokens < 0:
             raise ValueError("a reservation cannot be negative")
         if not reservation_id or len(reservation_id) > 200:
@@ -540,7 +540,9 @@ def budget_reserve(*, tenant_schema: str, limits: list[BudgetLimit], tokens: int
 
     Repeating a reservation id returns the same reservation without reserving twice.
     """
-    call = _ReserveCall.build(tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id)
+    call = BudgetReserveCall.build(
+        tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id
+    )
     if not limits:
         return call.reservation
     client = get_redis()
@@ -567,7 +569,9 @@ async def budget_reserve_async(
 ) -> Reservation:
     """``budget_reserve`` for async code: Redis through the loop's client, the database (rare:
     initialising counters, recording alerts) in the thread-sensitive executor."""
-    call = _ReserveCall.build(tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id)
+    call = BudgetReserveCall.build(
+        tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id
+    )
     if not limits:
         return call.reservation
     client = get_loop_redis()
@@ -582,7 +586,7 @@ async def budget_reserve_async(
             )
             async with client.pipeline(transaction=True) as pipe:
                 for counter_field, total in totals.items():
-                    pipe.hsetnx(call.keys[0], counter_field, total)
+                    pipe.hsetnx(call.keys[0], counter_field, str(total))
                 pipe.expire(call.keys[0], _counter_ttl())
                 await pipe.execute()
         else:
@@ -599,17 +603,19 @@ async def budget_reserve_async(
 
 def budget_reserve_queue(
     pipe, *, tenant_schema: str, limits: list[BudgetLimit], tokens: int, reservation_id: str
-) -> _ReserveCall:
+) -> BudgetReserveCall:
     """``budget_reserve_async``'s script queued on ``pipe`` (the gateway checks the rate limits in
     the same round trip); give the call and its reply to :func:`budget_reserve_finish_async`.
     Nothing is queued when there is no budget to check."""
-    call = _ReserveCall.build(tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id)
+    call = BudgetReserveCall.build(
+        tenant_schema=tenant_schema, limits=limits, tokens=tokens, reservation_id=reservation_id
+    )
     if limits:
         pipe.evalsha(_RESERVE.sha, len(call.keys), *call.keys, *call.args)
     return call
 
 
-async def budget_reserve_finish_async(call: _ReserveCall, result: Any) -> Reservation:
+async def budget_reserve_finish_async(call: BudgetReserveCall, result: Any) -> Reservation:
     """The queued reservation: as ``budget_reserve_async`` — the reservation, BudgetExceeded (402)
     or BudgetUnavailable (503). A reply that needs more (the script not loaded after a Redis
     restart, the month's counters not initialised yet) continues on ``budget_reserve_async``'s
@@ -637,7 +643,7 @@ async def budget_reserve_finish_async(call: _ReserveCall, result: Any) -> Reserv
     return reservation
 
 
-async def budget_reserve_undo_async(call: _ReserveCall, result: Any) -> None:
+async def budget_reserve_undo_async(call: BudgetReserveCall, result: Any) -> None:
     """Give back a queued reservation that succeeded, for a request refused after all (by a rate
     limit checked in the same round trip)."""
     if call.limits and isinstance(result, list) and int(result[0]) == 1:
@@ -647,7 +653,7 @@ async def budget_reserve_undo_async(call: _ReserveCall, result: Any) -> None:
 def _counters_init(client: redis.Redis, counters_key: str, totals: dict[str, int]) -> None:
     with client.pipeline(transaction=True) as pipe:
         for counter_field, total in totals.items():
-            pipe.hsetnx(counters_key, counter_field, total)
+            pipe.hsetnx(counters_key, counter_field, str(total))
         pipe.expire(counters_key, _counter_ttl())
         pipe.execute()
 
@@ -759,7 +765,10 @@ async def budget_settle_finish(*, reservation: Reservation, result: Any) -> None
 
 def budget_used(*, tenant_schema: str, level: str, identity: str, month: str | None = None) -> int | None:
     """The counter (settled usage + open reservations) of one level; None if not initialised."""
-    value = get_redis().hget(budget_counters_key(tenant_schema, month or current_month()), f"{level}:{identity}")
+    value = cast(
+        bytes | None,
+        get_redis().hget(budget_counters_key(tenant_schema, month or current_month()), f"{level}:{identity}"),
+    )
     return None if value is None else int(value)
 
 

@@ -241,7 +241,7 @@ def _script(client: redis.Redis | aioredis.Redis) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class _Call:
+class RateLimitCall:
     limits: list[Limit]
     keys: list[str]
     args: list[str | int]
@@ -251,23 +251,25 @@ def _now_arg(now_ms: float | None) -> str | int:
     return "" if now_ms is None else round(now_ms * 1000)
 
 
-def _check_call(*, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int], now_ms: float | None) -> _Call:
+def _check_call(
+    *, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int], now_ms: float | None
+) -> RateLimitCall:
     active = [limit for limit in limits if not limit.is_unlimited and limit.kind in costs]
     args: list[str | int] = ["check", _now_arg(now_ms)]
     for limit in active:
         args += [limit.per_minute, MINUTE_US, limit.burst_units, costs[limit.kind]]
-    return _Call(active, [limit_key(schema_name=schema_name, limit=limit) for limit in active], args)
+    return RateLimitCall(active, [limit_key(schema_name=schema_name, limit=limit) for limit in active], args)
 
 
-def _charge_call(*, schema_name: str, limits: Sequence[Limit], tokens: int, now_ms: float | None) -> _Call:
+def _charge_call(*, schema_name: str, limits: Sequence[Limit], tokens: int, now_ms: float | None) -> RateLimitCall:
     active = [limit for limit in limits if not limit.is_unlimited and limit.kind == "tokens"]
     args: list[str | int] = ["charge", _now_arg(now_ms)]
     for limit in active:
         args += [limit.per_minute, MINUTE_US, limit.burst_units, tokens]
-    return _Call(active, [limit_key(schema_name=schema_name, limit=limit) for limit in active], args)
+    return RateLimitCall(active, [limit_key(schema_name=schema_name, limit=limit) for limit in active], args)
 
 
-def _decision(call: _Call, reply: list[int]) -> RateDecision:
+def _decision(call: RateLimitCall, reply: list[int]) -> RateDecision:
     is_allowed, first_refused, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
     tightest: dict[str, tuple[int, int, float]] = {}
     for index, limit in enumerate(call.limits):
@@ -351,7 +353,7 @@ async def rate_limit_refund_async(*, schema_name: str, limits: Sequence[Limit], 
 
 def rate_limit_queue(
     pipe, *, schema_name: str, limits: Sequence[Limit], costs: Mapping[str, int], marker: str | None = None
-) -> _Call:
+) -> RateLimitCall:
     """``rate_limit_async``'s script queued on ``pipe`` (the gateway reserves the budget in the
     same round trip); give the call and its reply to :func:`rate_limit_finish_async`. Nothing is
     queued when no limit applies. ``marker``: a key the script sets (for a minute) when it admits
@@ -365,7 +367,7 @@ def rate_limit_queue(
     return call
 
 
-async def rate_limit_finish_async(call: _Call, reply: Any) -> RateDecision:
+async def rate_limit_finish_async(call: RateLimitCall, reply: Any) -> RateDecision:
     """The queued check's decision, as ``rate_limit_async`` would give it (the script is loaded
     and run again when Redis lost it)."""
     if not call.keys:

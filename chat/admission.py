@@ -19,12 +19,14 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from billing.budgets import (
     BillingPolicy,
     BudgetExceeded,
+    BudgetReserveCall,
     Reservation,
     billing_policy_cached,
     budget_reserve_async,
@@ -37,6 +39,7 @@ from billing.budgets import (
 from billing.metering import UsageEvent, usage_record_queue
 from billing.ratelimit import (
     Limit,
+    RateLimitCall,
     RateLimited,
     rate_limit_async,
     rate_limit_finish_async,
@@ -48,6 +51,9 @@ from billing.ratelimit import (
 )
 from tenants.errors import ValidationFailed
 from tenants.redis import execute_with_scripts, get_loop_redis, tenant_key
+
+if TYPE_CHECKING:
+    from tenants.models import Tenant
 
 CHARS_PER_TOKEN = 4  # the estimate before a call; the provider's usage settles it after
 RATE_LIMIT_FIELDS = (
@@ -79,7 +85,7 @@ def validate_rate_limits(value) -> dict:
 class Caller:
     """Who asks, resolved at the edge."""
 
-    tenant: object  # tenants.models.Tenant
+    tenant: Tenant
     bot_id: int
     bot_public_id: str
     bot_rate_limits: dict
@@ -174,12 +180,22 @@ class QueuedAdmission:
     token_limits: list[Limit]
     reservation_id: str
     first: int = 0  # where the admission's replies start among the pipeline's
-    rate_call: object = None
-    reserve_call: object = None
+    rate_call: RateLimitCall | None = None  # set by ``queue``
+    reserve_call: BudgetReserveCall | None = None  # set by ``queue``
 
     @property
     def costs(self) -> dict[str, int]:
         return {"requests": 1, "tokens": self.estimate}
+
+    @property
+    def queued_rate_call(self) -> RateLimitCall:
+        assert self.rate_call is not None, "queue() the admission first"
+        return self.rate_call
+
+    @property
+    def queued_reserve_call(self) -> BudgetReserveCall:
+        assert self.reserve_call is not None, "queue() the admission first"
+        return self.reserve_call
 
     def queue(self, pipe, *, marker: str | None = None) -> None:
         """``marker``: a key the rate limits' script sets when it admits (``AdmissionGate``)."""
@@ -199,24 +215,24 @@ class QueuedAdmission:
     @property
     def ticket(self) -> dict:
         """The ticket the admission will carry if it succeeds (known once queued)."""
-        return _ticket(self.caller, self.estimate, self.reserve_call.reservation, self.token_limits)
+        return _ticket(self.caller, self.estimate, self.queued_reserve_call.reservation, self.token_limits)
 
     @property
     def reservation_key(self) -> str | None:
         """The budget reservation's key, which exists once it is made; None: no budget applies."""
-        return self.reserve_call.keys[1] if self.reserve_call.limits else None
+        return self.queued_reserve_call.keys[1] if self.queued_reserve_call.limits else None
 
     @property
     def is_rate_limited(self) -> bool:
         """Whether a rate limit applies (the script was queued)."""
-        return bool(self.rate_call.keys)
+        return bool(self.queued_rate_call.keys)
 
-    def _replies(self, replies: list) -> tuple[object, object]:
+    def _replies(self, replies: list) -> tuple[Any, Any]:
         """(the rate limits' reply, the reservation's), each None when not queued."""
         index = self.first
-        rate_reply = replies[index] if self.rate_call.keys else None
-        index += 1 if self.rate_call.keys else 0
-        reserve_reply = replies[index] if self.reserve_call.limits else None
+        rate_reply = replies[index] if self.queued_rate_call.keys else None
+        index += 1 if self.queued_rate_call.keys else 0
+        reserve_reply = replies[index] if self.queued_reserve_call.limits else None
         return rate_reply, reserve_reply
 
     async def finish(self, replies: list | None) -> Admission:
@@ -227,10 +243,10 @@ class QueuedAdmission:
             decision = await rate_limit_async(schema_name=schema_name, limits=self.limits, costs=self.costs)
         else:
             rate_reply, reserve_reply = self._replies(replies)
-            decision = await rate_limit_finish_async(self.rate_call, rate_reply)
+            decision = await rate_limit_finish_async(self.queued_rate_call, rate_reply)
         if not decision.allowed:
             if replies is not None:
-                await budget_reserve_undo_async(self.reserve_call, reserve_reply)
+                await budget_reserve_undo_async(self.queued_reserve_call, reserve_reply)
             raise RateLimited.from_decision(decision)
         try:
             if replies is None:
@@ -241,7 +257,7 @@ class QueuedAdmission:
                     reservation_id=self.reservation_id,
                 )
             else:
-                reservation = await budget_reserve_finish_async(self.reserve_call, reserve_reply)
+                reservation = await budget_reserve_finish_async(self.queued_reserve_call, reserve_reply)
         except BudgetExceeded:
             await tokens_charge_async(
                 schema_name=schema_name, limits=self.token_limits, tokens=0, reserved=self.estimate
@@ -257,7 +273,7 @@ class QueuedAdmission:
             await rate_limit_refund_async(
                 schema_name=self.caller.tenant.schema_name, limits=self.limits, costs=self.costs
             )
-        await budget_reserve_undo_async(self.reserve_call, reserve_reply)
+        await budget_reserve_undo_async(self.queued_reserve_call, reserve_reply)
 
 
 # KEYS: the poison key (watched by the caller's transaction), the client's brute-force key, the
