@@ -664,15 +664,15 @@ def budget_month_totals(*, tenant_schema: str, month: str, fields: Iterable[str]
 
     start, end = month_bounds(month)
     tenant_id = Tenant.objects.filter(schema_name=tenant_schema).values_list("id", flat=True).first()
+    if tenant_id is None:  # no such tenant (any more): nothing recorded
+        return dict.fromkeys(fields, 0)
     daily = UsageDaily.objects.filter(tenant_id=tenant_id, day__gte=start, day__lt=end)
     billable = Sum(F("tokens_in") + F("tokens_out") - F("cached_tokens"))
     totals: dict[str, int] = {}
     for counter_field in fields:
         level, identity = counter_field.split(":", 1)
         total = None
-        if tenant_id is None:
-            total = 0
-        elif level == LEVEL_TENANT:
+        if level == LEVEL_TENANT:
             total = daily.aggregate(total=billable)["total"]
         elif level == LEVEL_KEY:
             total = daily.filter(api_key_id=int(identity)).aggregate(total=billable)["total"]

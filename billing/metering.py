@@ -20,7 +20,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -301,4 +301,4 @@ def _flush_batch(client: redis.Redis, *, consumer: str, batch_size: int) -> tupl
 
 def usage_backlog() -> int:
     """Entries waiting in the stream (new and pending): a gauge for monitoring the flusher."""
-    return int(get_redis().xlen(_stream()))
+    return cast(int, get_redis().xlen(_stream()))

@@ -135,7 +135,9 @@ class SignedWebhookProvider(BillingProvider):
         if not isinstance(payload, dict):
             raise WebhookRejected("The webhook body must be a JSON object.", code="invalid_request")
         event_id, event_type = payload.get("id"), payload.get("type")
-        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+        data = payload.get("data")
+        if not isinstance(data, dict):
+            data = {}
         if not isinstance(event_id, str) or not event_id or len(event_id) > 200:
             raise WebhookRejected("'id' must be a string of 1-200 characters.", code="invalid_request", param="id")
         if not isinstance(event_type, str) or not event_type or len(event_type) > 100:

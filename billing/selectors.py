@@ -6,6 +6,7 @@ schema, so the active search_path plays no part here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -30,7 +31,7 @@ def _sums() -> dict[str, Any]:
     return {name: Sum(name) for name in COUNTERS}
 
 
-def _counters(row: dict[str, Any]) -> dict[str, int]:
+def _counters(row: Mapping[str, Any]) -> dict[str, int]:
     values = {name: int(row.get(name) or 0) for name in COUNTERS}
     values["billable_tokens"] = values["tokens_in"] + values["tokens_out"] - values["cached_tokens"]
     return values
@@ -112,7 +113,7 @@ def invoice_compute(*, tenant, month: str) -> InvoiceComputation:
         .annotate(**_sums())
         .order_by("bot")
     )
-    lines = [{"bot": row["bot"], **_counters(row)} for row in rows]
+    lines: list[dict[str, Any]] = [{"bot": row["bot"], **_counters(row)} for row in rows]
     used = sum(line["billable_tokens"] for line in lines)
     included = plan.included_tokens_per_month
     overage = max(0, used - included)

@@ -6,7 +6,7 @@ own schema; what is here is what must be found before a schema is chosen.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
 from django.contrib.postgres.fields import ArrayField
@@ -29,6 +29,11 @@ class Tenant(TenantMixin):
     # Conversations idle longer than this are purged (chat.tasks.conversations_purge_task), with their
     # messages and hot-store entries.
     conversation_retention_days = models.PositiveIntegerField(default=90)
+
+    if TYPE_CHECKING:
+        # Django's default manager, which django-stubs cannot see through the untyped TenantMixin.
+        objects: ClassVar[models.Manager[Tenant]]
+        _default_manager: ClassVar[models.Manager[Tenant]]
 
     # Schemas are provisioned by tenants.services.tenant_create (cloned from a template), not
     # by save(); deleting a tenant drops its schema.
