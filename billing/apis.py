@@ -80,15 +80,16 @@ class UsageRowSerializer(UsageCountersSerializer):
 
 
 class UsageOutputSerializer(serializers.Serializer):
-    object = serializers.CharField()
+    object = serializers.ChoiceField(choices=["list"])
     group_by = serializers.CharField()
-    data = UsageRowSerializer(many=True)
     total = UsageCountersSerializer()
 
     def get_fields(self):
+        # Names a class attribute cannot take: "from" is a keyword, "data" is the serializer's own.
         fields = super().get_fields()
         fields["from"] = serializers.DateField()
         fields["to"] = serializers.DateField()
+        fields["data"] = UsageRowSerializer(many=True)
         return fields
 
 
