@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,7 +245,7 @@ class Provider(abc.ABC):
     kind: str = "provider"
 
     @abc.abstractmethod
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Deltas (and citations) in order, then exactly one Usage; or a ProviderError.
 
         Consume it inside ``contextlib.aclosing`` so an abandoned stream releases its connection.
@@ -259,7 +259,7 @@ class Provider(abc.ABC):
         """Release connections and background tasks."""
 
 
-async def collect(events: AsyncIterator[StreamEvent]) -> Completion:
+async def collect(events: AsyncGenerator[StreamEvent, None]) -> Completion:
     parts: list[str] = []
     citations: list[Citation] = []
     usage: Usage | None = None

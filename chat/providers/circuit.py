@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -176,7 +176,8 @@ class RedisCircuitStore(CircuitStore):
         return CircuitState(int(state))
 
     async def state(self, key: str, *, now: float) -> CircuitState:
-        state, open_until = await self.client.hmget(key, ["state", "open_until"])
+        # (redis-py types its asyncio replies as ``Awaitable | reply``, shared with the sync client)
+        state, open_until = await cast("Awaitable[list[bytes | None]]", self.client.hmget(key, ["state", "open_until"]))
         if state is None:
             return CircuitState.CLOSED
         current = CircuitState(int(state))

@@ -13,7 +13,7 @@ import asyncio
 import math
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 
 from chat.providers.base import (
@@ -218,14 +218,14 @@ class LocalProvider(Provider):
         self.seconds_per_word = seconds_per_word
         self.model = model
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         return self._generate(request, seconds_per_word=self.seconds_per_word if request.is_streamed else 0.0)
 
     async def complete(self, request: ChatRequest) -> Completion:
         # Pacing imitates a model's streaming; a caller waiting for the whole answer gains nothing from it.
         return await collect(self._generate(request, seconds_per_word=0.0))
 
-    async def _generate(self, request: ChatRequest, *, seconds_per_word: float) -> AsyncIterator[StreamEvent]:
+    async def _generate(self, request: ChatRequest, *, seconds_per_word: float) -> AsyncGenerator[StreamEvent, None]:
         segments = compose_answer(question_terms(request.messages), request.sources)
         budget = request.max_tokens if request.max_tokens is not None else math.inf
         remaining_chars = _chars_before_stop(segments, request.stop)

@@ -22,7 +22,7 @@ import asyncio
 import email.utils
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -261,7 +261,7 @@ class OpenAICompatProvider(Provider):
             is_estimated=is_estimated,
         )
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         body = self._body(request)
         deadline = self._deadline(request)
         timeout = openai.Timeout(deadline, connect=min(self.connect_timeout, deadline))
@@ -415,7 +415,7 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
         message, code = error_details(parsed, parsed if isinstance(parsed, str) else response.reason or "")
         raise error_for_status(response.status, message, code=code, headers=response.headers, target_label=self.label)
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """One delta per read from the socket: the chunks that arrived together (a fast server's
         burst) are parsed in one go and their text yielded at once, instead of one trip through
         every layer above per token; a server streaming at a human pace still gives one delta

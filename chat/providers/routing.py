@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -73,7 +73,7 @@ class ProviderRoute(Provider):
 
     # -- streaming ------------------------------------------------------------------------------
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         failures: list[ProviderError] = []
         for target in self.targets:
             admission = await self._admit(target)
@@ -99,7 +99,7 @@ class ProviderRoute(Provider):
             return
         raise self._exhausted(failures)
 
-    async def _first_event(self, events: AsyncIterator[StreamEvent], request: ChatRequest) -> StreamEvent:
+    async def _first_event(self, events: AsyncGenerator[StreamEvent, None], request: ChatRequest) -> StreamEvent:
         timeout = request.timeout or self.first_token_timeout
         try:
             # Not around a yield: a timeout here cancels only this wait for the first event.
@@ -115,12 +115,12 @@ class ProviderRoute(Provider):
         self,
         target: Target,
         admission: Admission,
-        events: AsyncIterator[StreamEvent],
+        events: AsyncGenerator[StreamEvent, None],
         first: StreamEvent,
         started: float,
         *,
         failovers: int,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         labels = (target.provider.kind, target.name)
         streamed: list[str] = []
         first_token_at: float | None = None

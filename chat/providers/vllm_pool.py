@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -218,7 +218,7 @@ class VllmPoolProvider(Provider):
 
     # -- answering ------------------------------------------------------------------------------
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         self.ensure_scraping()
         tried: set[str] = set()
         while True:

@@ -28,11 +28,12 @@ import asyncio
 import contextlib
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import structlog
+from redis.typing import KeyT, StreamIdT
 
 from chat.streams import StreamEvent, decode_event, events_of_notification, notify_channel
 from tenants.redis import get_loop_redis
@@ -217,7 +218,7 @@ class StreamHub:
                     break
 
     async def _fetch(self, keys: list[str]) -> None:
-        positions = {}
+        positions: dict[KeyT, StreamIdT] = {}  # (as redis-py's xread takes them: a dict, invariant)
         for key in keys:
             followers = self.subscribers.get(key)
             if followers:
@@ -266,7 +267,7 @@ def get_hub() -> StreamHub:
 
 async def follow_batches(
     key: str, *, after: str = "0-0", block_ms: int = 15_000, subscription: Subscription | None = None
-) -> AsyncIterator[list[StreamEvent] | None]:
+) -> AsyncGenerator[list[StreamEvent] | None, None]:
     """The stream's events after ``after`` as they arrive, each batch everything that had arrived
     by then, until a terminal one; ``None`` after ``block_ms`` without an event (the transport's
     heartbeat). A transport writes a batch to its client at once: a burst of events (a fast model
@@ -297,7 +298,7 @@ async def follow_batches(
         await hub.unsubscribe(subscription)
 
 
-async def follow(key: str, *, after: str = "0-0", block_ms: int = 15_000) -> AsyncIterator[StreamEvent | None]:
+async def follow(key: str, *, after: str = "0-0", block_ms: int = 15_000) -> AsyncGenerator[StreamEvent | None, None]:
     """Events of the stream after ``after`` until a terminal one; ``None`` after ``block_ms``
     without an event (the transport's heartbeat). The same contract as chat.streams.read."""
     async with contextlib.aclosing(follow_batches(key, after=after, block_ms=block_ms)) as batches:
