@@ -108,7 +108,8 @@ class ApiKeyAuthentication:
 
 def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None = None, client_ip: str = ""):
     """Check a raw API key against its cached record for ``tenant``: ``(ApiKeyUser, AuthContext)``
-    or AuthenticationFailed. Shared by DRF and the WebSocket consumers.
+    or AuthenticationFailed — DRF's side of ``api_key_verify_async`` (the same checks:
+    ``_api_key_check``).
 
     Guessing a key's secret is throttled per key prefix and client address: after too many wrong
     secrets that client gets 429 for that key, while the key keeps working from elsewhere.
@@ -116,19 +117,31 @@ def api_key_verify(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord 
     from billing.ratelimit import auth_failure_register, auth_failures_exceeded
 
     prefix = api_key_parse_prefix(raw_key)
-    if prefix is None:
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    record = record or api_key_resolve(prefix)
-    if record is None:
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    record = record or (api_key_resolve(prefix) if prefix else None)
     identity = _throttle_identity(prefix, client_ip)
-    _refuse_if_throttled(auth_failures_exceeded(identity=identity))
-    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+    retry_after = auth_failures_exceeded(identity=identity) if record is not None else None
+    try:
+        result = _api_key_check(raw_key, tenant=tenant, record=record, retry_after=retry_after)
+    except _WrongSecret:
         auth_failure_register(identity=identity)
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    result = _accepted(record, tenant)
-    _touch(record, timezone.now())
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key") from None
+    _touch(result[0].record, timezone.now())
     return result
+
+
+class _WrongSecret(Exception):
+    """The key's prefix is known but its secret is not: a failure the brute-force limit counts."""
+
+
+def _api_key_check(raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None, retry_after: float | None):
+    """The one check of a presented API key, its throttle state already read: the caller's
+    transport (DRF, or the async edge and WebSocket) only does the I/O around it."""
+    if api_key_parse_prefix(raw_key) is None or record is None:
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    _refuse_if_throttled(retry_after)
+    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
+        raise _WrongSecret
+    return _accepted(record, tenant)
 
 
 def _throttle_identity(prefix: str | None, client_ip: str) -> str:
@@ -293,21 +306,16 @@ async def _touch_async(record: ApiKeyRecord) -> None:
 async def api_key_verify_async(
     raw_key: str, *, tenant: Tenant | None, record: ApiKeyRecord | None, client_ip: str, retry_after: float | None
 ):
-    """``api_key_verify`` for the async edge, the brute-force limit's state already read
+    """``api_key_verify`` for the async transports, the brute-force limit's state already read
     (``retry_after``: ``auth_failures_exceeded``'s answer)."""
-
     from billing.ratelimit import auth_failure_register_async
 
-    prefix = api_key_parse_prefix(raw_key)
-    if prefix is None or record is None:
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    identity = _throttle_identity(prefix, client_ip)
-    _refuse_if_throttled(retry_after)
-    if not hmac.compare_digest(record.secret_hash, api_key_hash(raw_key)):
-        await auth_failure_register_async(identity=identity)
-        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-    result = _accepted(record, tenant)
-    await _touch_async(record)
+    try:
+        result = _api_key_check(raw_key, tenant=tenant, record=record, retry_after=retry_after)
+    except _WrongSecret:
+        await auth_failure_register_async(identity=_throttle_identity(api_key_parse_prefix(raw_key), client_ip))
+        raise AuthenticationFailed("Invalid API key.", code="invalid_api_key") from None
+    await _touch_async(result[0].record)
     return result
 
 
