@@ -23,6 +23,7 @@ from collections.abc import Callable
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import StreamIdT
 
 from chat.engine import TurnOutcome, run_turn, save_answer
 from chat.metrics import ACTIVE_GENERATIONS
@@ -104,7 +105,7 @@ class GenerationWorker:
         """Reset the idle time of the jobs this worker is running: an answer that streams for
         longer than ``claim_idle_ms`` must not look abandoned to the other workers (which would
         take it over and end it as interrupted)."""
-        entry_ids = list(self._in_flight.values())
+        entry_ids: list[StreamIdT] = list(self._in_flight.values())
         if entry_ids:
             await self.redis.xclaim(JOBS_STREAM, JOBS_GROUP, self.consumer, 0, entry_ids, justid=True)
 

@@ -19,7 +19,7 @@ import os
 import socket
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -326,4 +326,4 @@ def _schema_exists(schema_name: str) -> bool:
 
 def messages_backlog() -> int:
     """Messages waiting to be written (new and pending): a gauge for the flusher's health."""
-    return int(get_redis().xlen(WRITE_STREAM))
+    return cast(int, get_redis().xlen(WRITE_STREAM))

@@ -7,9 +7,9 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -81,7 +81,9 @@ async def semantic_lookup(
     if vectors is None:
         # The question is embedded (CPU, a worker thread) while Redis sends the scope's vectors.
         vector, stored = await asyncio.gather(
-            asyncio.to_thread(question_vector, question), redis.hgetall(scope_key + ":v")
+            asyncio.to_thread(question_vector, question),
+            # (redis-py types its asyncio replies as ``Awaitable | reply``, shared with the sync client)
+            cast("Awaitable[dict[bytes, bytes]]", redis.hgetall(scope_key + ":v")),
         )
         # Read after the generation: a store in between leaves a newer copy under an older
         # generation, which the next lookup replaces; never an older copy under a newer one.
@@ -98,7 +100,9 @@ async def semantic_lookup(
     if not above.size:
         return None, "miss"
     best = above[np.argsort(-similarities[above], kind="stable")][:CANDIDATES_VERIFIED_MAX]
-    payloads = await redis.hmget(scope_key + ":a", [vectors.entries[index] for index in best])
+    payloads = await cast(
+        "Awaitable[list[bytes | None]]", redis.hmget(scope_key + ":a", [vectors.entries[index] for index in best])
+    )
     now = time.time()
     candidates: list[tuple[dict[str, Any], float]] = []
     for index, payload in zip(best, payloads, strict=True):
