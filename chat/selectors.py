@@ -4,8 +4,10 @@ so that another tenant's (or another end user's) objects are indistinguishable f
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from django.db.models import Aggregate, Count, Exists, FloatField, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
@@ -110,9 +112,10 @@ def message_get_stored(*, conversation: Conversation, message_id: str) -> Messag
         from chat.memory.persistence import messages_flush
 
         messages_flush()
-        message = Message.objects.filter(conversation=conversation, pk=message.pk).first()
-        if message is None:
+        stored = Message.objects.filter(conversation=conversation, pk=message.pk).first()
+        if stored is None:
             raise NotFound("No such message.", param="id")
+        return stored
     return message
 
 
@@ -181,7 +184,7 @@ def dashboard_stats(*, date_from: date, date_to: date) -> DashboardStats:
     days = []
     for offset in range((date_to - date_from).days + 1):
         day = date_from + timedelta(days=offset)
-        row = per_day.get(day, {})
+        row: Mapping[str, Any] = per_day.get(day, {})
         days.append(
             {
                 "day": day,

@@ -41,7 +41,12 @@ _NO_BOT = object()  # cached too: guessed ids must not cost a query each
 
 def _load(*, schema_name: str, public_id: str | None, bot_id: int | None) -> BotSnapshot | None:
     """From PostgreSQL (two queries), in the active schema (``in_tenant`` sets it)."""
-    bots = Bot.objects.filter(public_id=public_id) if public_id is not None else Bot.objects.filter(pk=bot_id)
+    if public_id is not None:
+        bots = Bot.objects.filter(public_id=public_id)
+    elif bot_id is not None:
+        bots = Bot.objects.filter(pk=bot_id)
+    else:
+        return None  # no bot named: none found
     bot = bots.first()
     return None if bot is None else snapshot_of(bot, schema_name=schema_name)
 

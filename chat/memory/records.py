@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from django.db.models import Field
 
 from chat.models import Message
 
@@ -53,7 +54,13 @@ def record_of(message: Message) -> dict[str, Any]:
 
 # A new message's columns before anything is set: the model's defaults (``citations``' list is
 # made afresh per record).
-_DEFAULTS = {name: Message._meta.get_field(name).get_default() for name in FIELDS if name != "citations"}
+def _default(name: str) -> Any:
+    field = Message._meta.get_field(name)
+    assert isinstance(field, Field)  # FIELDS are the model's own columns, not reverse relations
+    return field.get_default()
+
+
+_DEFAULTS = {name: _default(name) for name in FIELDS if name != "citations"}
 
 
 def record_new(
