@@ -396,7 +396,7 @@ async def run_turn(
             outcome.error = error
             outcome.finish_reason = "error"
         if lookup and outcome.error is None and outcome.finish_reason == "stop" and outcome.usage is not None:
-            await _cache_store(lookup, inputs, outcome, redis)
+            await _cache_store(lookup, inputs, outcome, outcome.usage, redis)
     outcome.total_ms = (time.perf_counter() - started) * 1000
     await _finish(job, outcome, publisher, redis, on_finish)
     if inputs.needs_summary and outcome.error is None:
@@ -431,7 +431,7 @@ async def _finish(
         logger.warning("turn_end_pipeline_failed", generation_id=job.generation_id, exc_info=True)
         outcome.message_id = await save_answer(job, outcome, redis)
         if job.gateway is not None:
-            await _settle(job, outcome)
+            await _settle(job, job.gateway, outcome)
         await publisher.close(*_terminal_event(outcome))
         return
     failures = [result for result in results if isinstance(result, Exception)]
@@ -542,8 +542,7 @@ async def _cache_lookup(lookup: CacheRequest, inputs: TurnInputs, redis) -> resp
         return None
 
 
-async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, redis) -> None:
-    usage = outcome.usage
+async def _cache_store(lookup: CacheRequest, inputs: TurnInputs, outcome: TurnOutcome, usage: Usage, redis) -> None:
     from chat.response_cache.storage import cache_store  # the worker's: the semantic layer (numpy)
 
     try:
@@ -617,11 +616,11 @@ async def _summary_request(job: TurnJob) -> None:
         logger.exception("summary_request_failed", conversation_id=job.conversation_id)
 
 
-async def _settle(job: TurnJob, outcome: TurnOutcome) -> None:
+async def _settle(job: TurnJob, ticket: dict[str, Any], outcome: TurnOutcome) -> None:
     """Budget settlement, the per-minute token charge and metering. Bookkeeping must not fail an
     answer already given: a failure here is logged (the reservation then expires on its own)."""
     try:
-        await admission.settle(job.gateway, **settlement(job, outcome))
+        await admission.settle(ticket, **settlement(job, outcome))
     except Exception:
         logger.exception("turn_settle_failed", generation_id=job.generation_id)
 

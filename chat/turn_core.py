@@ -513,6 +513,7 @@ async def _started(prepared: _PreparedTurn, replies: list, admission: Admission,
     job = prepared.job
     if prepared.outcome is not None:
         engine.record_metrics(job, prepared.outcome)
+        assert job.gateway is not None  # the admission's ticket, set on the job before its writes
         try:
             async with redis.pipeline(transaction=False) as pipe:
                 settlement = admission_api.settle_queue(pipe, job.gateway, **engine.settlement(job, prepared.outcome))
