@@ -116,14 +116,16 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
                 raise ValidationFailed("Frames must be JSON text.")
             content = await self.decode_json(text_data)
             handlers = {"message": self._on_message, "cancel": self._on_cancel, "resume": self._on_resume}
-            handler = handlers.get(content.get("type") if isinstance(content, dict) else None)
+            message_type = content.get("type") if isinstance(content, dict) else None
+            handler = handlers.get(message_type) if isinstance(message_type, str) else None
             if handler is None:
                 raise ValidationFailed("type must be one of message, cancel, resume.", param="type")
             await handler(content)
         except ParleyError as error:
             data = {"message": error.message, "type": error.error_type, "code": error.code, "param": error.param}
-            if getattr(error, "retry_after", None) is not None:
-                data["retry_after"] = error.retry_after  # a refused turn (rate limit): when to try again
+            retry_after = getattr(error, "retry_after", None)  # a refused turn (rate limit): when to try again
+            if retry_after is not None:
+                data["retry_after"] = retry_after
             await self.send_json({"type": "error", "data": data})
 
     async def _on_message(self, content: dict) -> None:

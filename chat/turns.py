@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -37,7 +37,7 @@ def generation_get_for(*, generation_id: str, end_user: EndUser) -> str:
     except ValueError:
         raise NotFound("No such generation.", param="id") from None
     schema_name = connection.schema_name
-    raw = get_redis().get(generation_owner_key(schema_name, generation_id))
+    raw = cast(bytes | None, get_redis().get(generation_owner_key(schema_name, generation_id)))
     if raw is None:
         raise NotFound("No such generation (or it expired).", param="id")
     owner = json.loads(raw)
@@ -66,7 +66,9 @@ def turn_cache_layer(*, stream_key: str, timeout_ms: int = CACHE_HEADER_WAIT_MS)
     last = "0-0"
     deadline = time.monotonic() + timeout_ms / 1000
     while (remaining := deadline - time.monotonic()) > 0:
-        response = redis.xread({stream_key: last}, block=max(1, int(remaining * 1000)), count=64)
+        response = cast(
+            list[Any] | None, redis.xread({stream_key: last}, block=max(1, int(remaining * 1000)), count=64)
+        )
         for _key, entries in response or []:
             for entry_id, fields in entries:
                 last = entry_id
@@ -101,7 +103,7 @@ _CODE_STATUS = {"provider_timeout": 504, "provider_unavailable": 503}
 
 def generation_error(data: dict) -> ParleyError:
     """A generation's ``error`` event as the error a waiting (non-streamed) caller answers with."""
-    status = _CODE_STATUS.get(data.get("code"), _ERROR_STATUS.get(data.get("type"), 502))
+    status = _CODE_STATUS.get(data.get("code", ""), _ERROR_STATUS.get(data.get("type", ""), 502))
     error = ParleyError(data["message"], code=data.get("code"), status_code=status)
     error.error_type = data.get("type", "api_error")
     return error
@@ -121,7 +123,7 @@ def turn_wait(*, stream_key: str, timeout_seconds: float = 600) -> WaitedTurn:
     parts: list[str] = []
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
-        response = redis.xread({stream_key: last}, block=5_000, count=512)
+        response = cast(list[Any] | None, redis.xread({stream_key: last}, block=5_000, count=512))
         for _key, entries in response or []:
             for entry_id, fields in entries:
                 last = entry_id
