@@ -31,7 +31,7 @@ def end_user_of(request, external_user: str | None = None) -> EndUser:
 
 class BotOutputSerializer(serializers.ModelSerializer):
     id = serializers.CharField(source="public_id")
-    knowledge_bases = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    knowledge_bases = serializers.PrimaryKeyRelatedField.many_init(read_only=True)  # (many=True, typed)
     provider_route = serializers.SerializerMethodField(
         help_text=f"Provider API keys read as {services.MASKED_SECRET}; send it back unchanged to keep a key."
     )
@@ -260,6 +260,7 @@ class MessageListApi(EventStreamNegotiationMixin, TenantAPIView):
         outcome = turns.turn_wait(stream_key=started.stream_key)
         if outcome.error is not None:
             raise outcome.error
+        assert outcome.message_id is not None  # a turn that ended without an error stored its answer
         answer = selectors.message_get(conversation=conversation, message_id=outcome.message_id)
         headers["X-Parley-Cache"] = answer.cache_layer or "miss"
         return Response(

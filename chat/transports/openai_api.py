@@ -51,7 +51,7 @@ class ChatCompletionInputSerializer(StrictSerializer):
     contract every transport shares (chat.turn_input.chat_completion_parse)."""
 
     model = serializers.CharField(max_length=100)
-    messages = ChatMessageSerializer(many=True, allow_empty=False, max_length=MAX_MESSAGES)
+    messages = ChatMessageSerializer(many=True, allow_empty=False, max_length=MAX_MESSAGES)  # type: ignore[call-arg]  # DRF's stub omits the list kwargs (max_length) that many=True passes on
     stream = serializers.BooleanField(required=False, default=False)
     stream_options = serializers.DictField(required=False)
     temperature = serializers.FloatField(required=False, allow_null=True)

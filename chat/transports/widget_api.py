@@ -157,7 +157,9 @@ class WidgetAPIView(TenantAPIView):
 
     @property
     def visitor(self) -> widget.VisitorToken:
-        return self.request.auth.extra["visitor"]
+        context = self.request.auth
+        assert isinstance(context, AuthContext)  # this view's authentication sets one (the visitor's token)
+        return context.extra["visitor"]
 
 
 # --- the token exchange -------------------------------------------------------------------------
