@@ -31,7 +31,8 @@ def end_user_of(request, external_user: str | None = None) -> EndUser:
 
 class BotOutputSerializer(serializers.ModelSerializer):
     id = serializers.CharField(source="public_id")
-    knowledge_bases = serializers.PrimaryKeyRelatedField.many_init(read_only=True)  # (many=True, typed)
+    # many=True, spelled out so that type checkers see the ManyRelatedField it builds
+    knowledge_bases = serializers.PrimaryKeyRelatedField.many_init(read_only=True)
     provider_route = serializers.SerializerMethodField(
         help_text=f"Provider API keys read as {services.MASKED_SECRET}; send it back unchanged to keep a key."
     )
