@@ -362,7 +362,7 @@ class MockServer:
         await response.write_eof()
         return response
 
-    async def embeddings(self, request: web.Request) -> web.Response:
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
         self.state.counts["embeddings"] += 1
         try:
             body = await request.json()
@@ -400,7 +400,7 @@ class MockServer:
             }
         )
 
-    async def rerank(self, request: web.Request) -> web.Response:
+    async def rerank(self, request: web.Request) -> web.StreamResponse:
         """Cohere/Jina-shaped reranking (``documents``; TEI's ``texts`` too): each passage scored by the
         share of the query's words it contains, so tests can predict the order."""
         self.state.counts["rerank"] += 1

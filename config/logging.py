@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 
 import structlog
+from structlog.typing import Processor
 
-_SHARED_PROCESSORS = [
+_SHARED_PROCESSORS: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,

@@ -157,7 +157,7 @@ def _first_found(*candidates: int | None, default: int) -> int:
 def _sentence_start_tokens(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     """Sorted indices of the tokens that begin a sentence or a line."""
     token_starts = [start for start, _ in offsets]
-    indices = []
+    indices: list[int] = []
     for match in _SENTENCE_START.finditer(text):
         index = bisect.bisect_left(token_starts, match.end())
         if 0 < index < len(token_starts) and (not indices or indices[-1] != index):

@@ -88,9 +88,9 @@ def _blocks(document: Document) -> Iterator[Paragraph | Table]:
     while pending:
         element = pending.pop()
         if element.tag == qn("w:p"):
-            yield Paragraph(element, document)  # type: ignore[arg-type]
+            yield Paragraph(element, document)
         elif element.tag == qn("w:tbl"):
-            yield Table(element, document)  # type: ignore[arg-type]
+            yield Table(element, document)
         elif element.tag == qn("w:sdt") and not _is_table_of_contents(element):
             for content in element.iterchildren(qn("w:sdtContent")):
                 pending.extend(reversed(list(content.iterchildren())))

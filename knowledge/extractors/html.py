@@ -141,6 +141,7 @@ def _sections(soup: BeautifulSoup) -> list[Section]:
             if node.name == "br":
                 parts.append(_LINE_BREAK)
             continue
+        assert isinstance(node, NavigableString)  # a document's nodes are tags and strings
         if isinstance(node, _SKIPPED_STRINGS):
             continue
         block = _nearest_block(node, block_cache)
