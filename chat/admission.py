@@ -50,7 +50,7 @@ from billing.ratelimit import (
     tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
-from tenants.redis import execute_with_scripts, get_loop_redis, tenant_key
+from tenants.redis import execute_with_scripts, get_loop_redis, lua_source, tenant_key
 
 if TYPE_CHECKING:
     from tenants.models import Tenant
@@ -281,25 +281,7 @@ class QueuedAdmission:
 #       then the keys whose values must be unchanged.
 # ARGV[3..]: those values.
 # Returns 1 when the admission holds; otherwise 0, having set the poison key.
-_GATE_SCRIPT = """
-local holds = redis.call('EXISTS', KEYS[2]) == 0
-local k = 3
-if ARGV[1] == '1' then
-  holds = redis.call('DEL', KEYS[k]) == 1 and holds
-  k = k + 1
-end
-if ARGV[2] == '1' then
-  holds = holds and redis.call('EXISTS', KEYS[k]) == 1
-  k = k + 1
-end
-for i = k, #KEYS do
-  if not holds then break end
-  holds = redis.call('GET', KEYS[i]) == ARGV[i - k + 3]
-end
-if holds then return 1 end
-redis.call('SET', KEYS[1], '1', 'PX', 60000)
-return 0
-"""
+_GATE_SCRIPT = lua_source("chat/lua/admission_gate.lua")
 
 
 @dataclass(slots=True)

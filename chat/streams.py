@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
-from tenants.redis import execute_with_scripts, script_queue, tenant_key
+from tenants.redis import execute_with_scripts, lua_source, script_queue, tenant_key
 
 logger = structlog.get_logger(__name__)
 
@@ -58,20 +58,7 @@ def notify_channel(stream_key: str) -> str:
 # that previous entry, without reading the stream (chat.transports.hub.StreamHub.deliver).
 # ARGV: MAXLEN, the TTL to set ('' for none), the stream's own channel, the inbox, then type and
 # data for each event.
-_WRITE_AND_NOTIFY = """
-local previous = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local parts = {KEYS[1], previous[1] and previous[1][1] or '0-0'}
-for index = 5, #ARGV, 2 do
-  parts[#parts + 1] = redis.call(
-    'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[index], 'data', ARGV[index + 1])
-  parts[#parts + 1] = ARGV[index]
-  parts[#parts + 1] = ARGV[index + 1]
-end
-if ARGV[2] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-redis.call('PUBLISH', ARGV[3], '')
-redis.call('PUBLISH', ARGV[4], table.concat(parts, '\\n'))
-return #parts
-"""
+_WRITE_AND_NOTIFY = lua_source("chat/lua/stream_write_and_notify.lua")
 
 
 def notify_on(pipe, stream_key: str, inbox: str | None = None) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import socket
 import weakref
 from functools import cache
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -194,9 +195,20 @@ def stream_batch_read(
     return entries, trimmed
 
 
-# --- Lua scripts by their SHA1 in pipelines -----------------------------------------------------
+# --- Lua scripts: one registry, by their SHA1 in pipelines ---------------------------------------
 
 _SCRIPT_SOURCES: dict[str, str] = {}
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def lua_source(path: str) -> str:
+    """A Lua script's text from its file (``path`` from the project's root, like
+    ``chat/lua/admission_gate.lua``), registered here so that every pipeline that queued it by
+    its SHA1 runs it again by its text when Redis lost it (``execute_with_scripts``). Scripts called
+    on their own go through redis-py's ``register_script``, which recovers the same way."""
+    source = (_PROJECT_ROOT / path).read_text(encoding="utf-8")
+    script_sha(source)
+    return source
 
 
 @cache

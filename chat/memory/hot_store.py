@@ -26,47 +26,14 @@ from django.conf import settings
 
 from chat.memory import records as message_records
 from tenants.config_epoch import EPOCH_KEY
-from tenants.redis import get_redis, script_queue, tenant_key
+from tenants.redis import get_redis, lua_source, script_queue, tenant_key
 
 # Appends records; a new conversation's list is complete from its first message.
-_APPEND = """
-local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-for index = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[index]) end
-redis.call('LTRIM', KEYS[1], -cap, -1)
-redis.call('EXPIRE', KEYS[1], ttl)
-if ARGV[3] == '1' then
-    redis.call('SET', KEYS[2], '1', 'EX', ttl)
-else
-    redis.call('EXPIRE', KEYS[2], ttl)
-end
-return redis.call('LLEN', KEYS[1])
-"""
+_APPEND = lua_source("chat/lua/hot_store_append.lua")
 
 # Merges the database's newest rows (ARGV[3..], oldest first) with what the list holds (appended
 # meanwhile, perhaps not yet in the database), de-duplicated by id, ordered by (ts, id), capped.
-_MERGE = """
-local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local seen, merged = {}, {}
-local function add(raw)
-    local record = cjson.decode(raw)
-    if not seen[record.id] then
-        seen[record.id] = true
-        merged[#merged + 1] = {record.ts, record.id, raw}
-    end
-end
-for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do add(raw) end
-for index = 3, #ARGV do add(ARGV[index]) end
-table.sort(merged, function(a, b)
-    if a[1] == b[1] then return a[2] < b[2] end
-    return a[1] < b[1]
-end)
-redis.call('DEL', KEYS[1])
-local first = math.max(1, #merged - cap + 1)
-for index = first, #merged do redis.call('RPUSH', KEYS[1], merged[index][3]) end
-if #merged > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-redis.call('SET', KEYS[2], '1', 'EX', ttl)
-return #merged - first + 1
-"""
+_MERGE = lua_source("chat/lua/hot_store_merge.lua")
 
 
 def _keys(schema_name: str, conversation_id: str) -> tuple[str, str]:

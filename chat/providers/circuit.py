@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from config.logging import get_logger
-from tenants.redis import tenant_key
+from tenants.redis import lua_source, tenant_key
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -129,29 +129,9 @@ class MemoryCircuitStore(CircuitStore):
 
 
 # A circuit is a hash {state, failures, open_until, probe_until}; no key means closed with no failures.
-_ADMIT_SCRIPT = """
-local fields = redis.call('HMGET', KEYS[1], 'state', 'failures', 'open_until', 'probe_until')
-local state = tonumber(fields[1]) or 0
-local failures = tonumber(fields[2]) or 0
-local now = tonumber(ARGV[1])
-if state == 0 then return {1, 0, failures} end
-if state == 2 and now < (tonumber(fields[3]) or 0) then return {0, 2, failures} end
-if state == 1 and now < (tonumber(fields[4]) or 0) then return {0, 1, failures} end
-redis.call('HSET', KEYS[1], 'state', 1, 'probe_until', tostring(now + tonumber(ARGV[2])))
-return {1, 1, failures}
-"""
+_ADMIT_SCRIPT = lua_source("chat/lua/circuit_admit.lua")
 
-_FAILURE_SCRIPT = """
-local state = tonumber(redis.call('HGET', KEYS[1], 'state')) or 0
-local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if state == 1 or (state == 0 and failures >= tonumber(ARGV[2])) then
-  state = 2
-  redis.call('HSET', KEYS[1], 'state', 2, 'open_until', tostring(tonumber(ARGV[1]) + tonumber(ARGV[3])),
-             'probe_until', 0)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return state
-"""
+_FAILURE_SCRIPT = lua_source("chat/lua/circuit_failure.lua")
 
 
 class RedisCircuitStore(CircuitStore):
