@@ -73,7 +73,9 @@ class BotForm(forms.Form):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["knowledge_bases"].queryset = KnowledgeBase.objects.order_by("name")
+        field = self.fields["knowledge_bases"]
+        assert isinstance(field, forms.ModelChoiceField)  # (self.fields holds copies of the fields declared above)
+        field.queryset = KnowledgeBase.objects.order_by("name")
 
     def clean_provider_route(self) -> dict:
         text = self.cleaned_data["provider_route"]
@@ -295,7 +297,9 @@ class ConversationFilterForm(forms.Form):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["bot"].queryset = Bot.objects.order_by("name")
+        field = self.fields["bot"]
+        assert isinstance(field, forms.ModelChoiceField)  # (self.fields holds copies of the fields declared above)
+        field.queryset = Bot.objects.order_by("name")
 
     def filters(self) -> selectors.ConversationFilters:
         data = self.cleaned_data if self.is_valid() else {}
