@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from knowledge.models import Document, KnowledgeBase
 from knowledge.retrieval import Mode, RankingParameters, retrieve
@@ -70,7 +71,7 @@ class EvaluationReport:
     results: list[QuestionResult] = field(default_factory=list)
 
     def as_dict(self, *, per_question: bool = False) -> dict:
-        summary = {
+        summary: dict[str, Any] = {
             "k": self.k,
             "questions": self.questions,
             f"recall@{self.k}": round(self.recall_at_k, 4),

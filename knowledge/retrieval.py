@@ -34,14 +34,15 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Sum
 
 from knowledge.embedders import get_embedder
 from knowledge.models import ANN_INDEXED_DIMENSIONS, Document
+from tenants.connection import connection
 from tenants.redis import get_redis, tenant_key
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound
@@ -380,7 +381,7 @@ def query_embedding(embedder_config: dict, query: str) -> list[float]:
     digest = hashlib.sha256(f"{embedder.key}\x00{query}".encode()).hexdigest()
     key = tenant_key(connection.schema_name, "qemb", digest)
     redis = get_redis()
-    cached = redis.get(key)
+    cached = cast(bytes | None, redis.get(key))
     if cached:
         return json.loads(cached)
     vector = embedder.embed_query(query)
