@@ -154,7 +154,7 @@ class DocumentListCreateApi(TenantAPIView):
     )
     def get(self, request, kb_id: str):
         knowledge_base = selectors.knowledge_base_get(knowledge_base_id=kb_id)
-        wanted = request.query_params.get("status") or None
+        wanted = request.query_params.get("status")
         if wanted is not None and wanted not in Document.Status.values:
             raise ValidationFailed(f"status must be one of {', '.join(Document.Status.values)}.", param="status")
         documents = selectors.document_list(knowledge_base=knowledge_base, status=wanted)[:500]
