@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from rest_framework.parsers import BaseParser
 
 from tenants.errors import ValidationFailed
@@ -25,7 +27,7 @@ def json_parse(body: bytes | str) -> Any:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        if "surrogate" in str(error):
+        if "surrogate in string" in str(error):  # an escape (\ud800); raw bytes that are not UTF-8 fall below
             raise ValidationFailed(
                 "Text must be valid Unicode: the body has a lone surrogate escape (\\ud800-\\udfff).",
                 code="invalid_text",
@@ -94,4 +96,8 @@ class BoundedJSONParser(BaseParser):
     media_type = "application/json"
 
     def parse(self, stream, media_type=None, parser_context=None) -> Any:
-        return json_parse(stream.read() if stream is not None else b"")
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        body = b"" if stream is None else stream.read() if limit is None else stream.read(limit + 1)
+        if limit is not None and len(body) > limit:
+            raise RequestDataTooBig("Request body is too large.")  # the exception handler's 413
+        return json_parse(body)

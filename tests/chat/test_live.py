@@ -152,10 +152,17 @@ def test_websocket_chat_over_the_network(servers, worker, live, django_db_blocke
     from websockets.sync.client import connect
 
     from chat.models import Bot
+    from chat.widget import visitor_token_issue
 
     with django_db_blocker.unblock(), tenant_context(live["tenant"]):
         Bot.objects.filter(pk=live["bot"].pk).update(allowed_origins=[ORIGIN])
-    url = f"ws://localhost:{servers[server].port}/ws/bots/{live['bot'].public_id}/?visitor_id=visitor-123"
+        token = visitor_token_issue(
+            schema_name=live["tenant"].schema_name,
+            bot=Bot.objects.get(pk=live["bot"].pk),
+            origin=ORIGIN,
+            visitor_id="visitor-1234567890abcdef",
+        ).token
+    url = f"ws://localhost:{servers[server].port}/ws/bots/{live['bot'].public_id}/?token={token}"
 
     with connect(url, origin=ORIGIN, open_timeout=10) as websocket:
         websocket.send(json.dumps({"type": "message", "content": "How are refunds paid?"}))
