@@ -395,10 +395,7 @@ async def _begin(caller: TurnCaller, prepared: _PreparedTurn, redis) -> StartedT
     except REDIS_UNAVAILABLE:
         replies = None  # each check then on its own, with its own rule (admit, or 503)
     admission = await queued.finish(replies)
-    hit = None
-    if replies is not None and prepared.lookup is not None and not isinstance(replies[lookup_index], Exception):
-        hit = response_cache.exact_answer(prepared.lookup[0], replies[lookup_index])
-    return await _start(prepared, admission, redis, hit=hit)
+    return await _start(prepared, admission, redis, hit=_exact_hit(prepared, replies, lookup_index))
 
 
 async def _begin_known(caller: TurnCaller, prepared: _PreparedTurn, redis) -> StartedTurn | None:
@@ -439,10 +436,14 @@ async def _begin_known(caller: TurnCaller, prepared: _PreparedTurn, redis) -> St
     admission = await queued.finish(replies)
     if committed is not None:
         return await _started(prepared, committed, admission, redis)
-    hit = None
-    if prepared.lookup is not None and not isinstance(replies[lookup_index], Exception):
-        hit = response_cache.exact_answer(prepared.lookup[0], replies[lookup_index])
-    return await _start(prepared, admission, redis, hit=hit)
+    return await _start(prepared, admission, redis, hit=_exact_hit(prepared, replies, lookup_index))
+
+
+def _exact_hit(prepared: _PreparedTurn, replies: list | None, index: int) -> response_cache.CachedAnswer | None:
+    """The exact cache entry read at ``index`` of the admission's round trip, if any and found."""
+    if replies is None or prepared.lookup is None or isinstance(replies[index], Exception):
+        return None
+    return response_cache.exact_answer(prepared.lookup[0], replies[index])
 
 
 async def _start(
