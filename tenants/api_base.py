@@ -21,7 +21,8 @@ _JSON_TYPES: list[tuple[type[serializers.Field], tuple[type, ...], str]] = [
 
 
 def _json_type_error(field: serializers.Field, value) -> str | None:
-    """Why ``value`` is not of the JSON type ``field`` takes, or None (null is the field's to judge)."""
+    """Why ``value`` is not of the JSON type ``field`` takes (or is longer than it takes, as sent),
+    or None (null is the field's to judge)."""
     if value is None:
         return None
     if isinstance(field, serializers.ChoiceField):
@@ -35,6 +36,9 @@ def _json_type_error(field: serializers.Field, value) -> str | None:
             if not isinstance(value, accepted):
                 return f"Must be {name}."
             break
+    if isinstance(field, serializers.CharField) and field.max_length is not None and len(value) > field.max_length:
+        # Measured as sent, before DRF trims whitespace: the limit the schema states.
+        return f"Ensure this field has no more than {field.max_length} characters."
     if isinstance(field, serializers.ListField) and field.child is not None:
         for item in value:
             error = _json_type_error(field.child, item)
