@@ -157,6 +157,20 @@ async def test_bad_frames_get_errors_not_disconnects(widget_bot):
     await communicator.disconnect()
 
 
+async def test_a_frame_whose_type_is_not_a_string_gets_an_error_not_a_disconnect(widget_bot):
+    communicator = _communicator(widget_bot["bot"].public_id, token=widget_bot["token"])
+    await communicator.connect(timeout=10)
+
+    await communicator.send_json_to({"type": ["message"], "content": "Hello"})
+    refused = await communicator.receive_json_from(timeout=5)
+    await communicator.send_json_to({"type": "resume", "generation_id": "nope"})
+    still_open = await communicator.receive_json_from(timeout=5)
+
+    assert (refused["type"], refused["data"]["code"], refused["data"]["param"]) == ("error", "invalid_request", "type")
+    assert (still_open["type"], still_open["data"]["code"]) == ("error", "not_found")
+    await communicator.disconnect()
+
+
 # --- the one door: visitors are widget visitors, and every turn re-checks its caller ------------
 
 
