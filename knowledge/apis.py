@@ -27,6 +27,7 @@ def _public_embedder(config: dict) -> dict:
 
 class KnowledgeBaseOutputSerializer(serializers.ModelSerializer):
     embedder = serializers.SerializerMethodField()
+    reranker = serializers.SerializerMethodField()
     document_count = serializers.IntegerField(read_only=True, default=0)
     chunk_count = serializers.SerializerMethodField()
 
@@ -37,6 +38,7 @@ class KnowledgeBaseOutputSerializer(serializers.ModelSerializer):
             "name",
             "description",
             "embedder",
+            "reranker",
             "dimensions",
             "version",
             "document_count",
@@ -48,6 +50,9 @@ class KnowledgeBaseOutputSerializer(serializers.ModelSerializer):
     def get_embedder(self, knowledge_base) -> dict:
         return _public_embedder(knowledge_base.embedder)
 
+    def get_reranker(self, knowledge_base) -> dict:
+        return _public_embedder(knowledge_base.reranker)
+
     def get_chunk_count(self, knowledge_base) -> int:
         return getattr(knowledge_base, "chunk_count", None) or 0
 
@@ -56,6 +61,9 @@ class KnowledgeBaseInputSerializer(StrictSerializer):
     name = serializers.CharField(max_length=200)
     description = serializers.CharField(max_length=5000, allow_blank=True, required=False)
     embedder = serializers.JSONField(required=False, help_text='{"kind": "local"} or {"kind": "openai", …}')
+    reranker = serializers.JSONField(
+        required=False, help_text='{} (none) or {"kind": "http", "base_url": …, "model": …} (knowledge.reranking)'
+    )
 
 
 class KnowledgeBaseListCreateApi(TenantAPIView):

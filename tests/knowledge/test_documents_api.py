@@ -139,6 +139,35 @@ def test_embedder_api_key_is_never_output(client, key):
     assert KnowledgeBase.objects.get(pk=body["id"]).embedder["api_key"] == "sk-1"
 
 
+def test_reranker_is_set_and_removed_through_the_api_and_its_key_never_output(client, key):
+    reranker = {"kind": "http", "base_url": "http://rerank.test/v1", "model": "bge-reranker", "api_key": "rk-1"}
+    created = _post_json(client, "/api/v1/knowledge-bases/", {"name": "x", "reranker": reranker}, key).json()
+    removed = client.patch(
+        f"/api/v1/knowledge-bases/{created['id']}/", {"reranker": {}}, content_type="application/json", **bearer(key)
+    )
+    refused = client.patch(
+        f"/api/v1/knowledge-bases/{created['id']}/",
+        {"reranker": {"kind": "http", "base_url": "http://rerank.test", "model": "m", "candidates": 0}},
+        content_type="application/json",
+        **bearer(key),
+    )
+
+    assert created["reranker"] == {
+        "kind": "http",
+        "base_url": "http://rerank.test/v1",
+        "model": "bge-reranker",
+        "api": "cohere",
+        "candidates": 20,
+        "timeout_s": 1.0,
+        "api_key": "********",
+    }
+    assert removed.json()["reranker"] == {}
+    assert removed.json()["version"] == 2
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "reranker"
+    assert KnowledgeBase.objects.get(pk=created["id"]).reranker == {}
+
+
 # --- documents ----------------------------------------------------------------------------------
 
 
