@@ -52,7 +52,9 @@ class TurnContext:
     @classmethod
     def from_wire(cls, wire: dict[str, Any] | None) -> TurnContext | None:
         if wire is None:
-            return None  # jobs queued before contexts existed (the worker reads the conversation)
+            # Jobs from before contexts existed: the worker reads the conversation from PostgreSQL.
+            # This branch can go once no web process older than the context (Nov 2026) runs.
+            return None
         return cls(
             bot_id=int(wire["bot_id"]),
             summary=wire.get("summary") or "",
