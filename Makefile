@@ -33,6 +33,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	PARLEY_ENV=test $(VENV)/bin/mypy
 
 migrate: install
 	$(PY) manage.py migrate_all
