@@ -44,7 +44,7 @@ from django.db.models import F, OuterRef, Subquery, Sum
 from billing.models import ApiKeyBudget, BudgetAlert, Plan, TenantBilling, UsageDaily, UsageRecord
 from tenants.config_epoch import EpochCache
 from tenants.errors import ParleyError
-from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, script_queue, script_sha, tenant_key
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, lua_source, script_queue, script_sha, tenant_key
 
 logger = structlog.get_logger(__name__)
 
@@ -283,62 +283,13 @@ class _Script:
         return script_sha(self.source)
 
 
-_ALERTS_LUA = """
-local function check_thresholds(counters, field, before, after, limit, hard, thresholds, alerts)
-  if limit <= 0 then return end
-  for pct in string.gmatch(thresholds, '%d+') do
-    local p = tonumber(pct)
-    if before * 100 < limit * p and after * 100 >= limit * p then
-      if redis.call('HSETNX', counters, 'alert:' .. pct .. ':' .. field, 1) == 1 then
-        table.insert(alerts, field)
-        table.insert(alerts, p)
-        table.insert(alerts, after)
-        table.insert(alerts, limit)
-        table.insert(alerts, hard)
-      end
-    end
-  end
-end
-"""
+_ALERTS_LUA = lua_source("billing/lua/budget_alerts.lua")
 
 # KEYS: counters, reservation, pending.
 # ARGV: tokens, pending member, now, counters ttl, reservation ttl, thresholds, n,
 #       then n times (field, limit, hard "1"/"0").
 # Returns {-1, missing fields…} | {0, field, used, limit} | {1, alerts…} | {2} (already reserved).
-_RESERVE = _Script(
-    _ALERTS_LUA
-    + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {2} end
-local tokens = tonumber(ARGV[1])
-local n = tonumber(ARGV[7])
-local used = {}
-local missing = {}
-for i = 1, n do
-  local value = redis.call('HGET', KEYS[1], ARGV[5 + 3 * i])
-  if value then used[i] = tonumber(value) else table.insert(missing, ARGV[5 + 3 * i]) end
-end
-if #missing > 0 then return {-1, unpack(missing)} end
-for i = 1, n do
-  local limit = tonumber(ARGV[6 + 3 * i])
-  if ARGV[7 + 3 * i] == '1' and used[i] + tokens > limit then
-    return {0, ARGV[5 + 3 * i], used[i], limit}
-  end
-end
-local alerts = {}
-redis.call('HSET', KEYS[2], 'state', 'reserved', 'tokens', tokens)
-for i = 1, n do
-  local field = ARGV[5 + 3 * i]
-  local limit = tonumber(ARGV[6 + 3 * i])
-  local after = redis.call('HINCRBY', KEYS[1], field, tokens)
-  redis.call('HSET', KEYS[2], 'l:' .. field, ARGV[6 + 3 * i] .. '|' .. ARGV[7 + 3 * i])
-  check_thresholds(KEYS[1], field, used[i], after, limit, ARGV[7 + 3 * i], ARGV[6], alerts)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-return {1, unpack(alerts)}
-"""
-)
+_RESERVE = _Script(_ALERTS_LUA + lua_source("billing/lua/budget_reserve.lua"))
 
 # KEYS: counters, reservation, pending.
 # ARGV: actual tokens, pending member, reservation ttl, thresholds, n, then n fields (used only
@@ -346,68 +297,11 @@ return {1, unpack(alerts)}
 # Counters are only ever changed, never created, here: a missing one is initialised from
 # PostgreSQL on the next reserve, which must not find a partial value.
 # Returns {0} (already settled) | {1, alerts…}.
-_SETTLE = _Script(
-    _ALERTS_LUA
-    + """
-local state = redis.call('HGET', KEYS[2], 'state')
-if state == 'settled' then return {0} end
-local delta = tonumber(ARGV[1])
-local fields = {}
-local limits = {}
-if state then
-  if state == 'reserved' then delta = delta - tonumber(redis.call('HGET', KEYS[2], 'tokens')) end
-  local all = redis.call('HGETALL', KEYS[2])
-  for i = 1, #all, 2 do
-    if string.sub(all[i], 1, 2) == 'l:' then
-      table.insert(fields, string.sub(all[i], 3))
-      table.insert(limits, all[i + 1])
-    end
-  end
-else
-  for i = 1, tonumber(ARGV[5]) do
-    table.insert(fields, ARGV[5 + i])
-    table.insert(limits, false)
-  end
-end
-local alerts = {}
-if delta ~= 0 then
-  for i, field in ipairs(fields) do
-    if redis.call('HEXISTS', KEYS[1], field) == 1 then
-      local after = redis.call('HINCRBY', KEYS[1], field, delta)
-      if limits[i] and delta > 0 then
-        local limit, hard = string.match(limits[i], '^(%d+)|(%d)$')
-        check_thresholds(KEYS[1], field, after - delta, after, tonumber(limit), hard, ARGV[4], alerts)
-      end
-    end
-  end
-end
-redis.call('HSET', KEYS[2], 'state', 'settled')
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('ZREM', KEYS[3], ARGV[2])
-return {1, unpack(alerts)}
-"""
-)
+_SETTLE = _Script(_ALERTS_LUA + lua_source("billing/lua/budget_settle.lua"))
 
 # KEYS: counters, reservation, pending. ARGV: pending member, reservation ttl.
 # Returns 1 if the reservation was open and its tokens were given back, else 0.
-_RELEASE = _Script(
-    """
-local state = redis.call('HGET', KEYS[2], 'state')
-redis.call('ZREM', KEYS[3], ARGV[1])
-if state ~= 'reserved' then return 0 end
-local tokens = tonumber(redis.call('HGET', KEYS[2], 'tokens'))
-local all = redis.call('HGETALL', KEYS[2])
-for i = 1, #all, 2 do
-  local field = string.sub(all[i], 3)
-  if string.sub(all[i], 1, 2) == 'l:' and redis.call('HEXISTS', KEYS[1], field) == 1 then
-    redis.call('HINCRBY', KEYS[1], field, -tokens)
-  end
-end
-redis.call('HSET', KEYS[2], 'state', 'expired')
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
-)
+_RELEASE = _Script(lua_source("billing/lua/budget_release.lua"))
 
 
 def _eval(client: redis.Redis, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -36,7 +36,7 @@ from billing.budgets import (
     budget_settle_finish,
     budget_settle_queue,
 )
-from billing.metering import UsageEvent, usage_record_queue
+from billing.metering import UsageEvent, usage_record_async, usage_record_queue
 from billing.ratelimit import (
     Limit,
     RateLimitCall,
@@ -50,7 +50,7 @@ from billing.ratelimit import (
     tokens_charge_queue,
 )
 from tenants.errors import ValidationFailed
-from tenants.redis import execute_with_scripts, get_loop_redis, lua_source, tenant_key
+from tenants.redis import REDIS_UNAVAILABLE, execute_with_scripts, get_loop_redis, lua_source, tenant_key
 
 if TYPE_CHECKING:
     from tenants.models import Tenant
@@ -416,8 +416,12 @@ async def settle(ticket: dict, **fields) -> None:
     Idempotent per reservation and event id.
 
     ``fields``: schema_name, event_id, provider, model, tokens_in, tokens_out, cache_layer,
-    latency_ms, ttft_ms."""
+    latency_ms, ttft_ms. With Redis unreachable the usage event still reaches PostgreSQL
+    (``usage_record_async``'s fallback); the reservation then expires on its own."""
     redis = get_loop_redis()
-    async with redis.pipeline(transaction=False) as pipe:
-        settlement = settle_queue(pipe, ticket, **fields)
-        await settlement.finish(await execute_with_scripts(pipe, redis))
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            settlement = settle_queue(pipe, ticket, **fields)
+            await settlement.finish(await execute_with_scripts(pipe, redis))
+    except REDIS_UNAVAILABLE:
+        await usage_record_async(_usage_event(ticket, **fields))
