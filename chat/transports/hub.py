@@ -275,6 +275,13 @@ async def follow_batches(
     ``subscription``: one made already (``StreamHub.register``), for ``key``."""
     hub = get_hub()
     if subscription is None:
+        if after != "0-0":  # a resume: the answer may have ended already, at or before ``after``
+            ended = await _ended_by(hub.redis, key, after)
+            if ended is not None:
+                # Its terminal event again (the client drops what it has seen by id): the follower
+                # learns the answer is over, instead of keep-alives until it gives up.
+                yield [ended]
+                return
         subscription = await hub.subscribe(key, after)
     queue = subscription.queue
     try:
@@ -296,6 +303,15 @@ async def follow_batches(
                 return
     finally:
         await hub.unsubscribe(subscription)
+
+
+async def _ended_by(redis: aioredis.Redis, key: str, after: str) -> StreamEvent | None:
+    """The stream's terminal event if it is its last entry and no later than ``after``."""
+    newest = await redis.xrevrange(key, count=1)
+    if not newest:
+        return None
+    event = decode_event(*newest[0])
+    return event if event.is_terminal and _id_tuple(event.id) <= _id_tuple(after) else None
 
 
 async def follow(key: str, *, after: str = "0-0", block_ms: int = 15_000) -> AsyncGenerator[StreamEvent | None, None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from chat.streams import CoalescingPublisher
 from tenants.redis import get_async_redis
 from tests.chat.turn_fixtures import hub_reads
@@ -358,3 +360,39 @@ async def test_a_closing_batch_written_in_part_ends_the_stream_with_an_error_not
     assert events[-1][1]["code"] == "generation_interrupted"
     assert [event_type for event_type, _data in events].count("token") == 1  # nothing repeated
     await redis.aclose()
+
+
+@pytest.mark.parametrize("resume_from", ["final", "past_final"], ids=["at_the_final_event_case", "past_it_case"])
+async def test_a_resumed_stream_that_has_already_ended_closes_at_once(resume_from):
+    """Before: ``Last-Event-ID`` at or past the final event got keep-alives forever (a browser's
+    EventSource reconnects after every close, so each such client held a connection for ever)."""
+    from chat.transports.hub import follow
+
+    redis = get_async_redis()
+    key = "t:test:gen:ended"
+    await redis.xadd(key, {"type": "message.created", "data": "{}"})
+    await redis.xadd(key, {"type": "token", "data": json.dumps({"text": "Hello"})})
+    final_id = (await redis.xadd(key, {"type": "done", "data": json.dumps({"finish_reason": "stop"})})).decode()
+    milliseconds, sequence = final_id.split("-")
+    after = final_id if resume_from == "final" else f"{milliseconds}-{int(sequence) + 5}"
+
+    async with asyncio.timeout(5):
+        events = [event async for event in follow(key, after=after, block_ms=100)]
+
+    assert [(event.id, event.type) for event in events] == [(final_id, "done")]
+
+
+async def test_a_resume_before_the_end_still_gets_the_rest():
+    from chat.transports.hub import follow
+
+    redis = get_async_redis()
+    key = "t:test:gen:resumed"
+    await redis.xadd(key, {"type": "message.created", "data": "{}"})
+    token_id = (await redis.xadd(key, {"type": "token", "data": json.dumps({"text": "Hello"})})).decode()
+    await redis.xadd(key, {"type": "token", "data": json.dumps({"text": " world"})})
+    await redis.xadd(key, {"type": "done", "data": json.dumps({"finish_reason": "stop"})})
+
+    events = [event async for event in follow(key, after=token_id, block_ms=100)]
+
+    assert [event.type for event in events] == ["token", "done"]
+    assert events[0].data == {"text": " world"}
