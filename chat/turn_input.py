@@ -88,7 +88,7 @@ def _object(data: Any, fields: frozenset[str], *, param: str | None = None) -> d
     unknown = sorted(set(data) - fields)
     if unknown:
         name = f"{param}.{unknown[0]}" if param else unknown[0]
-        raise ValidationFailed(f"{name}: unknown field.", param=name, code="unknown_field")
+        raise ValidationFailed(f"{name}: Unknown field.", param=name)  # as every other endpoint says it
     return data
 
 

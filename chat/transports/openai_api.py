@@ -50,33 +50,23 @@ class ChatCompletionInputSerializer(StrictSerializer):
     """Documents the request body in the OpenAPI schema; requests are validated by the input
     contract every transport shares (chat.turn_input.chat_completion_parse)."""
 
-    model = serializers.CharField(max_length=100)
+    model = serializers.CharField(min_length=1, max_length=100, help_text="A bot's public id (see /v1/models).")
     messages = ChatMessageSerializer(many=True, allow_empty=False, max_length=MAX_MESSAGES)  # type: ignore[call-arg]  # DRF's stub omits the list kwargs (max_length) that many=True passes on
     stream = serializers.BooleanField(required=False, default=False)
     stream_options = serializers.DictField(required=False)
     temperature = serializers.FloatField(required=False, allow_null=True)
     top_p = serializers.FloatField(required=False, allow_null=True)
-    max_tokens = serializers.IntegerField(required=False, allow_null=True)
-    max_completion_tokens = serializers.IntegerField(required=False, allow_null=True)
+    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_completion_tokens = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, help_text="Wins over max_tokens when both are given."
+    )
     stop = serializers.JSONField(required=False, allow_null=True)
-    seed = serializers.IntegerField(required=False, allow_null=True)
+    seed = serializers.IntegerField(required=False, allow_null=True, min_value=0)
     presence_penalty = serializers.FloatField(required=False, allow_null=True)
     frequency_penalty = serializers.FloatField(required=False, allow_null=True)
     user = serializers.CharField(required=False, max_length=100)
     n = serializers.IntegerField(required=False, min_value=1, max_value=1)
     logprobs = serializers.BooleanField(required=False)
-
-    def validate_messages(self, messages: list[dict]) -> list[dict]:
-        if messages[-1]["role"] != "user":
-            raise serializers.ValidationError("The last message must be the user's.")
-        if not messages[-1]["content"].strip():
-            raise serializers.ValidationError("The last message must not be empty.")
-        return messages
-
-    def validate_logprobs(self, value: bool) -> bool:
-        if value:
-            raise serializers.ValidationError("logprobs are not supported.")
-        return value
 
 
 class ChatCompletionsApi(TenantAPIView):

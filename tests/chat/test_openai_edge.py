@@ -237,7 +237,7 @@ async def test_edge_ends_a_stream_cleanly_when_redis_fails_after_it_started(live
         (
             {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "bogus": 1},
             400,
-            "unknown_field",
+            "invalid_request",
             "bogus",
         ),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "message_too_long", None),
