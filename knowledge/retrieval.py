@@ -55,12 +55,12 @@ class RankingParameters:
     """How the two lists are built and fused. The defaults were chosen on the tuning halves of the
     retrieval benchmark's question sets (tests/perf/test_retrieval_quality.py; docs/retrieval.md)."""
 
-    k1: float = 1.2
-    b: float = 0.75
-    title_weight: float = 3.0  # a title's occurrence counts as this many occurrences in the text
-    heading_weight: float = 2.0
-    depth: int = 100  # candidates taken from each list (at least the limit)
-    rrf_k: int = 60
+    k1: float = 0.9
+    b: float = 0.5
+    title_weight: float = 1.0  # a title's occurrence counts as this many occurrences in the text
+    heading_weight: float = 1.0  # the same for the heading path
+    depth: int = 50  # candidates taken from each list (at least the limit)
+    rrf_k: int = 30
     text_weight: float = 1.0  # the full-text list's share in the fused score; vectors weigh 1
     part_weight: float = 0.0  # lists of a multi-part question's parts (0: not searched), see _query_parts
 

@@ -107,7 +107,9 @@ def test_title_and_heading_words_are_searchable_and_weighted():
     _document(kb, "Security", ["Codes come by text message."], heading=f"Passwords{HEADING_SEPARATOR}Policy")
     _document(kb, "Misc", ["Passwords are stored hashed, encrypted."])
 
-    hits = retrieve(knowledge_base_ids=[kb.pk], query="passwords", limit=3, mode="text")
+    parameters = retrieval.RankingParameters(title_weight=3.0, heading_weight=2.0)
+
+    hits = retrieve(knowledge_base_ids=[kb.pk], query="passwords", limit=3, mode="text", parameters=parameters)
 
     # One occurrence each, in texts of one length: in the title (weight 3), the heading (2), the text (1).
     assert _texts(hits) == [
