@@ -10,6 +10,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
+from redis import exceptions as redis_exceptions
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
@@ -82,6 +83,20 @@ class ServiceUnavailable(ParleyError):
     code = "service_unavailable"
 
 
+STORE_RETRY_AFTER_SECONDS = 5
+
+
+def store_unavailable() -> ServiceUnavailable:
+    """What every transport answers while Redis cannot be reached, instead of a 500: a 503 the
+    client may retry (``Retry-After``); the request was refused before anything was kept."""
+    return ServiceUnavailable(
+        "The service is briefly unavailable (its data store cannot be reached); nothing was done. "
+        "Please retry shortly.",
+        code="store_unavailable",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
+    )
+
+
 def error_body(*, message: str, error_type: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "code": code, "param": param}}
 
@@ -132,6 +147,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
             status=exc.status_code,
             headers=exc.headers,
         )
+    if isinstance(exc, redis_exceptions.ConnectionError | redis_exceptions.TimeoutError):
+        return api_exception_handler(store_unavailable(), context)  # Redis away: retry, not a 500
     if isinstance(exc, RequestDataTooBig):
         return Response(
             error_body(

@@ -16,9 +16,10 @@ from django.urls import set_urlconf
 from django.utils.functional import SimpleLazyObject
 
 from tenants.connection import connection
-from tenants.errors import TenantSuspended, error_response
+from tenants.errors import TenantSuspended, error_response, store_unavailable
 from tenants.health import readiness
 from tenants.models import Membership, Tenant, User
+from tenants.redis import REDIS_UNAVAILABLE
 from tenants.resolution import (
     ApiKeyRecord,
     bot_public_id_from_path,
@@ -28,6 +29,8 @@ from tenants.resolution import (
     tenant_resolve_by_public_bot,
 )
 from tenants.services import api_key_parse_prefix
+
+logger = structlog.get_logger(__name__)
 
 
 class HealthCheckMiddleware:
@@ -70,6 +73,14 @@ class TenantResolutionMiddleware:
     def __call__(self, request: TenantRequest) -> HttpResponse:
         structlog.contextvars.clear_contextvars()
         connection.set_schema_to_public()
+        try:
+            return self._resolve_and_respond(request)
+        except REDIS_UNAVAILABLE:
+            # Redis away (a restart, a failover): a 503 to retry, in the API's error shape, not a 500.
+            logger.warning("store_unavailable", path=request.path, exc_info=True)
+            return error_response(store_unavailable())
+
+    def _resolve_and_respond(self, request: TenantRequest) -> HttpResponse:
         prefix = self._api_key_prefix(request)
         tenant, record = tenant_and_key_resolve(tenant_hostname(request.get_host()), prefix)
         if prefix is not None:

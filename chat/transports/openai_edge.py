@@ -30,9 +30,9 @@ from chat.transports.openai_api import DONE_CHUNK, ChunkEncoder, completion_body
 from chat.transports.sse import SSE_HEADERS
 from chat.turn_core import Delivery, ExchangeTurn, turn_begin
 from chat.turn_input import ChatCompletionInput
-from tenants.errors import ParleyError, error_body
+from tenants.errors import ParleyError, error_body, store_unavailable
 from tenants.json_input import json_parse
-from tenants.redis import get_loop_redis
+from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis
 from tenants.services import api_key_parse_prefix
 
 logger = structlog.get_logger(__name__)
@@ -103,6 +103,9 @@ async def _serve(scope: Scope, receive: Receive, send: Send, raw_key: str) -> No
                 await send({"type": "http.response.body", "body": _STREAM_FAILED, "more_body": False})
         elif isinstance(error, ParleyError):
             status = await _send_error(send, error)
+        elif isinstance(error, REDIS_UNAVAILABLE):
+            logger.warning("store_unavailable", path=PATH, exc_info=True)
+            status = await _send_error(send, store_unavailable())
         else:
             logger.exception("edge_request_failed", path=PATH)
             await _send_json(
