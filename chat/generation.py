@@ -14,6 +14,7 @@ silently regenerated) and the partial answer is saved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,13 +27,16 @@ from redis.exceptions import ResponseError
 from redis.typing import StreamIdT
 
 from chat.engine import TurnOutcome, run_turn, save_answer
-from chat.metrics import ACTIVE_GENERATIONS
+from chat.metrics import ACTIVE_GENERATIONS, GENERATION_STORE_ERRORS
 from chat.providers.base import Provider
 from chat.streams import INTERRUPTED_ERROR, JOBS_GROUP, JOBS_STREAM, generation_stream_key, publish
 from chat.turn_job import TurnJob
-from tenants.redis import get_async_redis
+from tenants.redis import REDIS_UNAVAILABLE, get_async_redis
 
 logger = logging.getLogger(__name__)
+
+STORE_BACKOFF_FIRST_SECONDS = 0.1
+STORE_BACKOFF_MAX_SECONDS = 5.0
 
 
 def default_route_factory() -> Callable[[dict], Provider]:
@@ -68,6 +72,29 @@ class GenerationWorker:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Take jobs until ``stop``; a Redis outage (a restart, a failover) is ridden out — logged,
+        counted, retried with backoff — rather than ending the process."""
+        backoff = 0.0
+        while not stop.is_set():
+            try:
+                await self._take_jobs(stop)
+            except (*REDIS_UNAVAILABLE, ResponseError) as error:
+                if isinstance(error, ResponseError) and "NOGROUP" not in str(error):
+                    raise  # only a group lost with a Redis that restarted empty is recoverable here
+                backoff = min(STORE_BACKOFF_MAX_SECONDS, max(STORE_BACKOFF_FIRST_SECONDS, backoff * 2))
+                GENERATION_STORE_ERRORS.inc()
+                logger.warning("generation worker: Redis unavailable (%s); retrying in %.1f s", error, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+            else:
+                backoff = 0.0
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=30)
+        from chat.providers.registry import routes_close
+
+        await routes_close()  # connection pools and pool scrapers of this loop
+
+    async def _take_jobs(self, stop: asyncio.Event) -> None:
         await self.ensure_group()
         next_claim = 0.0
         loop = asyncio.get_running_loop()
@@ -88,11 +115,6 @@ class GenerationWorker:
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
                     self._spawn(entry_id, fields, orphan=False)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=30)
-        from chat.providers.registry import routes_close
-
-        await routes_close()  # connection pools and pool scrapers of this loop
 
     def _spawn(self, entry_id, fields, *, orphan: bool) -> None:
         task = asyncio.create_task(self._handle(entry_id, fields, orphan=orphan))

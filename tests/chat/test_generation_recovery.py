@@ -88,3 +88,38 @@ def test_a_dead_workers_half_streamed_answer_is_ended_and_stored(live, django_db
     assert types == [b"token", b"error"]
     assert error["code"] == "generation_interrupted"
     assert stored == [("Refunds are paid ", "error")]
+
+
+async def test_a_generation_worker_rides_out_a_redis_outage(monkeypatch):
+    """Before: an unhandled ConnectionError in GenerationWorker.run ended the process within a
+    second of a Redis restart. Now it backs off, counts it, and carries on by itself."""
+    import asyncio
+
+    import redis.exceptions
+
+    from chat.generation import GenerationWorker
+    from chat.metrics import GENERATION_STORE_ERRORS
+    from tenants.redis import get_async_redis
+
+    worker = GenerationWorker(redis=get_async_redis(), claim_idle_ms=1_000, route_for=lambda route: LocalProvider())
+    real = worker.redis.xreadgroup
+    calls = []
+
+    async def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 3:
+            raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(worker.redis, "xreadgroup", flaky)
+    errors_before = GENERATION_STORE_ERRORS._value.get()
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(2)
+    is_alive = not running.done()
+    stop.set()
+    await asyncio.wait_for(running, timeout=10)
+
+    assert is_alive
+    assert GENERATION_STORE_ERRORS._value.get() - errors_before == 3
+    assert len(calls) > 3  # it read jobs again once Redis answered
