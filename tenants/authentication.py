@@ -395,14 +395,21 @@ class TenantOAuth2Authentication(OAuth2Authentication):
             raise AuthenticationFailed("Invalid or expired OAuth2 token.", code="invalid_token")
         user, token = result
         scopes = frozenset(token.scope.split()) & ALL_SCOPES
+        # A token never carries more than the role of the person behind it allows, checked on
+        # every request: the token's user, or for client credentials the application's owner
+        # (an application without an owner acts for nobody). A demoted or removed member's
+        # tokens shrink or stop at once.
+        application = token.application
+        person = user if user is not None else (application.user if application is not None else None)
+        member_scopes = membership_scopes(person, tenant) if person is not None else None
+        if member_scopes is None:
+            raise AuthenticationFailed("The token's user is not a member of this tenant.", code="invalid_token")
+        scopes &= member_scopes
         if user is not None:
-            member_scopes = membership_scopes(user, tenant)
-            if member_scopes is None:
-                raise AuthenticationFailed("The token's user is not a member of this tenant.", code="invalid_token")
-            scopes &= member_scopes
             principal = user
         else:
-            principal = _ClientPrincipal(token.application.client_id)
+            assert application is not None  # a token without a user came from client credentials
+            principal = _ClientPrincipal(application.client_id, owner_id=application.user_id)
         return principal, AuthContext(kind="oauth2", tenant=tenant, scopes=scopes, extra={"token_id": token.pk})
 
 
@@ -416,8 +423,9 @@ class _ClientPrincipal:
     pk = None
     id = None
 
-    def __init__(self, client_id: str) -> None:
+    def __init__(self, client_id: str, *, owner_id: int | None = None) -> None:
         self.client_id = client_id
+        self.owner_id = owner_id  # the member whose role bounds its scopes
 
 
 class TenantSessionAuthentication(SessionAuthentication):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -452,9 +453,35 @@ def membership_role_change(*, membership: Membership, role: str) -> Membership:
 
 
 def membership_remove(*, membership: Membership) -> None:
-    """Remove a member (their API keys stay); the last owner cannot be removed."""
+    """Remove a member and every credential they made in the workspace: their API keys are
+    revoked, their OAuth2 applications (and so those applications' tokens) deleted, and the
+    tokens issued to them revoked. The last owner cannot be removed."""
+    tenant = membership.tenant
     with transaction.atomic():
-        owners = _lock_owners(membership.tenant)
+        owners = _lock_owners(tenant)
         if membership.role == Membership.Role.OWNER and owners == [membership.pk]:
             raise Conflict("A workspace needs at least one owner: make someone else owner first.", param="role")
         Membership.objects.filter(pk=membership.pk).delete()
+        revoked = list(
+            ApiKey.objects.filter(tenant=tenant, created_by_id=membership.user_id, revoked_at__isnull=True).values_list(
+                "prefix", flat=True
+            )
+        )
+        ApiKey.objects.filter(prefix__in=revoked).update(revoked_at=timezone.now())
+        _oauth_credentials_delete(tenant=tenant, user_id=membership.user_id)
+    for prefix in revoked:
+        api_key_cache_invalidate(prefix)
+        transaction.on_commit(functools.partial(api_key_cache_invalidate, prefix))
+
+
+def _oauth_credentials_delete(*, tenant: Tenant, user_id: int) -> None:
+    """A user's OAuth2 applications and tokens in ``tenant``'s schema (where their tables live)."""
+    from django_tenants.utils import tenant_context
+    from oauth2_provider.models import AccessToken, Application, Grant, IDToken, RefreshToken
+
+    with tenant_context(tenant):
+        applications = Application.objects.filter(user_id=user_id)
+        for model in (AccessToken, RefreshToken, Grant, IDToken):
+            model.objects.filter(application__in=applications).delete()
+            model.objects.filter(user_id=user_id).delete()
+        applications.delete()

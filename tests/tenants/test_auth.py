@@ -266,6 +266,7 @@ def test_oauth2_client_credentials_scoped_to_tenant(client, tenant_pair):
     app, secret = _application(
         tenant_pair.a,
         name="integration",
+        user=tenant_pair.owner_a,  # client credentials act within their owner's role
         client_type=Application.CLIENT_CONFIDENTIAL,
         authorization_grant_type=Application.GRANT_CLIENT_CREDENTIALS,
     )
