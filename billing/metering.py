@@ -29,13 +29,20 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from prometheus_client import Counter
 
+from tenants.batches import write_isolating
 from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, stream_batch_read
 
 logger = structlog.get_logger(__name__)
 
 USAGE_STREAM = "parley:usage"
 USAGE_DEAD_LETTER_STREAM = "parley:usage:dead"
+USAGE_DEAD_LETTERED = Counter(
+    "parley_usage_dead_lettered",
+    "Usage events the batch writer could not store (malformed, or refused by PostgreSQL), moved to "
+    "the dead-letter stream with their error.",
+)
 USAGE_GROUP = "usage-flush"
 # ~12 hours of a busy platform (20 requests/s); an entry is a few hundred bytes.
 DEFAULT_STREAM_MAXLEN = 1_000_000
@@ -277,25 +284,34 @@ def _flush_batch(client: redis.Redis, *, consumer: str, batch_size: int) -> tupl
     if not entries:
         return 0, 0
 
-    events: list[UsageEvent] = []
-    dead: list[tuple[bytes, dict]] = []
+    parsed: list[tuple[bytes, dict, UsageEvent]] = []
+    dead: list[tuple[bytes, dict, str]] = []
     for entry_id, fields in entries:
         try:
-            events.append(UsageEvent.from_json(fields[b"e"]))
+            parsed.append((entry_id, fields, UsageEvent.from_json(fields[b"e"])))
         except (KeyError, ValueError, TypeError) as error:
             logger.error("usage_entry_malformed", entry_id=entry_id.decode(), error=str(error))
-            dead.append((entry_id, fields))
+            dead.append((entry_id, fields, f"malformed: {error}"))
 
-    written = usage_write(events=events)  # commits before anything is acknowledged
+    # Commits before anything is acknowledged; an event PostgreSQL refuses is set aside (dead
+    # letter) and the others are written (tenants.batches).
+    written, refused = write_isolating(parsed, lambda batch: usage_write(events=[event for _, _, event in batch]))
+    for refusal in refused:
+        entry_id, fields, _event = refusal.item
+        logger.error("usage_refused_by_postgres", entry_id=entry_id.decode(), error=refusal.error)
+        dead.append((entry_id, fields, refusal.error))
 
     ids = [entry_id for entry_id, _fields in entries]
     with client.pipeline(transaction=True) as pipe:
-        for entry_id, fields in dead:
-            pipe.xadd(USAGE_DEAD_LETTER_STREAM, {**fields, b"source_id": entry_id}, maxlen=10_000, approximate=True)
+        for entry_id, fields, reason in dead:
+            entry = {**fields, b"source_id": entry_id, b"error": reason.encode()}
+            pipe.xadd(USAGE_DEAD_LETTER_STREAM, entry, maxlen=10_000, approximate=True)
         pipe.xack(_stream(), USAGE_GROUP, *ids)
         # Acknowledged entries are deleted at once: the stream holds only what is still to write.
         pipe.xdel(_stream(), *ids)
         pipe.execute()
+    if dead:
+        USAGE_DEAD_LETTERED.inc(len(dead))
     return len(entries), written
 
 

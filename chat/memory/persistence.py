@@ -14,11 +14,14 @@ turn is never lost because the stream is.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import socket
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
@@ -28,16 +31,23 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django_tenants.utils import schema_context
+from prometheus_client import Counter
 
 from chat.memory import hot_store
 from chat.memory import records as message_records
 from chat.models import Conversation, Message
+from tenants.batches import REFUSED_BY_DATA, write_isolating
 from tenants.redis import REDIS_UNAVAILABLE, get_loop_redis, get_redis, stream_batch_read
 
 logger = structlog.get_logger(__name__)
 
 WRITE_STREAM = "parley:messages"
 DEAD_LETTER_STREAM = "parley:messages:dead"
+MESSAGES_DEAD_LETTERED = Counter(
+    "parley_messages_dead_lettered",
+    "Messages the batch writer could not store (malformed, or refused by PostgreSQL), moved to "
+    "the dead-letter stream with their error.",
+)
 FLUSH_GROUP = "message-flush"
 # 17 columns a row: 3,000 rows stay well under PostgreSQL's 65,535 parameters per statement.
 MAX_BATCH_SIZE = 3_000
@@ -177,7 +187,7 @@ def messages_write(
     conversations deleted meanwhile), after the new ``conversations`` queued with them; returns
     rows inserted. One transaction."""
     unique = list({record["id"]: record for record in records}.values())
-    if not unique:
+    if not unique and not conversations:
         return 0
     with schema_context(schema_name), transaction.atomic():
         if conversations:
@@ -286,36 +296,74 @@ def messages_flush(
     return written
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One write-stream entry: a message's record, and the conversation's row when it is the first."""
+
+    entry_id: bytes
+    fields: dict
+    record: dict[str, Any]
+    conversation: dict[str, Any] | None
+
+
 def _write_entries(client: redis.Redis, entries: list[tuple[bytes, dict]]) -> int:
-    by_schema: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    conversations: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    dead: list[tuple[bytes, dict]] = []
+    by_schema: dict[str, list[_Entry]] = defaultdict(list)
+    dead: list[tuple[bytes, dict, str]] = []
     for entry_id, fields in entries:
         try:
-            by_schema[fields[b"s"].decode()].append(message_records.loads(fields[b"m"]))
-            if b"c" in fields:
-                conversations[fields[b"s"].decode()].append(json.loads(fields[b"c"]))
+            conversation = json.loads(fields[b"c"]) if b"c" in fields else None
+            record = message_records.loads(fields[b"m"])
+            by_schema[fields[b"s"].decode()].append(_Entry(entry_id, fields, record, conversation))
         except (KeyError, ValueError, TypeError) as error:
             logger.error("message_entry_malformed", entry_id=entry_id.decode(), error=str(error))
-            dead.append((entry_id, fields))
+            dead.append((entry_id, fields, f"malformed: {error}"))
     written = 0
-    for schema_name, records in by_schema.items():
+    for schema_name, items in by_schema.items():
         try:
-            written += messages_write(  # commits before the ack
-                schema_name=schema_name, records=records, conversations=conversations.get(schema_name, ())
+            count, refused = write_isolating(
+                items,
+                functools.partial(_write_batch, schema_name),
+                before_one_by_one=functools.partial(_write_conversations, schema_name),
             )
         except DatabaseError:
             if _schema_exists(schema_name):
                 raise  # the database is in trouble: leave the entries pending for the next flush
-            logger.warning("messages_of_deleted_tenant_dropped", tenant=schema_name, count=len(records))
+            logger.warning("messages_of_deleted_tenant_dropped", tenant=schema_name, count=len(items))
+            continue
+        written += count
+        for refusal in refused:
+            logger.error(
+                "message_refused_by_postgres",
+                tenant=schema_name,
+                entry_id=refusal.item.entry_id.decode(),
+                error=refusal.error,
+            )
+            dead.append((refusal.item.entry_id, refusal.item.fields, refusal.error))
     ids = [entry_id for entry_id, _fields in entries]
     with client.pipeline(transaction=True) as pipe:
-        for entry_id, fields in dead:
-            pipe.xadd(DEAD_LETTER_STREAM, {**fields, b"source_id": entry_id}, maxlen=10_000, approximate=True)
+        for entry_id, fields, reason in dead:
+            entry = {**fields, b"source_id": entry_id, b"error": reason.encode()}
+            pipe.xadd(DEAD_LETTER_STREAM, entry, maxlen=10_000, approximate=True)
         pipe.xack(WRITE_STREAM, FLUSH_GROUP, *ids)
         pipe.xdel(WRITE_STREAM, *ids)  # the stream holds only what is still to write
         pipe.execute()
+    if dead:
+        MESSAGES_DEAD_LETTERED.inc(len(dead))
     return written
+
+
+def _write_conversations(schema_name: str, items: Sequence[_Entry]) -> None:
+    """New conversations' rows alone, before their messages are written one by one: a refused
+    first message (which carries its conversation's row) must not take the later ones with it."""
+    for item in items:
+        if item.conversation is not None:
+            with contextlib.suppress(*REFUSED_BY_DATA):  # a refused row here: its messages follow it out
+                messages_write(schema_name=schema_name, records=[], conversations=[item.conversation])
+
+
+def _write_batch(schema_name: str, items: Sequence[_Entry]) -> int:
+    conversations = [item.conversation for item in items if item.conversation is not None]
+    return messages_write(schema_name=schema_name, records=[item.record for item in items], conversations=conversations)
 
 
 def _schema_exists(schema_name: str) -> bool:

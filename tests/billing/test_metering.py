@@ -381,3 +381,20 @@ def test_the_beat_task_drains_the_stream(tenant_pair):
 
     assert usage_flush_task() == 3
     assert stream_length() == 0
+
+
+@pytest.mark.django_db
+def test_a_usage_event_postgres_refuses_is_dead_lettered_and_the_others_are_written(tenant_pair):
+    """Before: one refused row failed the whole usage batch on every flush, for every tenant."""
+    usage_record(make_event(tenant_pair.a, "evt-good-a"))
+    usage_record(make_event(tenant_pair.a, "evt-bad", bot="bot\x00alpha"))
+    usage_record(make_event(tenant_pair.b, "evt-good-b"))
+
+    written = usage_flush()
+
+    assert written == 2
+    assert set(UsageRecord.objects.values_list("event_id", flat=True)) == {"evt-good-a", "evt-good-b"}
+    [(_id, dead)] = get_redis().xrange(metering.USAGE_DEAD_LETTER_STREAM)
+    assert UsageEvent.from_json(dead[b"e"]).event_id == "evt-bad"
+    assert dead[b"error"]
+    assert get_redis().xlen(metering.USAGE_STREAM) == 0

@@ -394,3 +394,52 @@ def test_retention_purges_idle_conversations_with_their_messages_and_hot_entries
     assert recent.pk in remaining
     assert orphan_messages == 0
     assert get_redis().exists(*hot_store._keys(tenant_pair.a.schema_name, str(conversation.pk))) == 0
+
+
+# --- a row PostgreSQL refuses never blocks the others --------------------------------------------
+
+
+def _dead_letters() -> list[dict]:
+    return [fields for _id, fields in get_redis().xrange(persistence.DEAD_LETTER_STREAM)]
+
+
+def test_a_message_postgres_refuses_is_dead_lettered_and_the_good_ones_of_every_tenant_are_written(
+    tenant_pair, conversation
+):
+    """Before: one entry with a NUL byte failed every flush (DataError, never acknowledged) and
+    every retry pulled newly queued messages of every tenant into the failing batch."""
+    with tenant_context(tenant_pair.b):
+        other = conversation_create(bot=bot_create(name="Other"), end_user_kind="api", end_user_id="key:2")
+    now = timezone.now()
+    good, bad, later = (
+        _message(conversation, "user", "before", at=now),
+        _message(conversation, "user", "bad\x00row", at=now + timedelta(microseconds=1)),
+        _message(conversation, "assistant", "after", at=now + timedelta(microseconds=2)),
+    )
+    _queue(tenant_pair.a, conversation, [good, bad, later])
+    _queue(tenant_pair.b, other, [_message(other, "user", "the other tenant's")])
+
+    written = messages_flush()
+    written_again = messages_flush()
+
+    assert written == 3
+    assert written_again == 0  # nothing left pending: the flusher is not stuck
+    assert [content for _role, content in _stored(tenant_pair.a, conversation)] == ["before", "after"]
+    assert [content for _role, content in _stored(tenant_pair.b, other)] == ["the other tenant's"]
+    [dead] = _dead_letters()
+    assert b"0x00" in dead[b"error"] or b"NUL" in dead[b"error"]
+    assert get_redis().xlen(WRITE_STREAM) == 0
+
+
+def test_a_refused_first_message_still_leaves_its_new_conversation_for_the_next_ones(tenant_pair, conversation):
+    conversation_id = str(uuid.uuid4())
+    rows = _new_conversation_rows(conversation_id, ["bad\x00first", "fine second"])
+    _queue_new_conversation(tenant_pair.a, conversation.bot, conversation_id, rows)
+
+    messages_flush()
+
+    with tenant_context(tenant_pair.a):
+        stored = list(Message.objects.filter(conversation_id=conversation_id).values_list("content", flat=True))
+        assert Conversation.objects.filter(pk=conversation_id).exists()
+    assert stored == ["fine second"]
+    assert len(_dead_letters()) == 1
