@@ -7,6 +7,7 @@ import uuid
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
+from django.db.models import F, Func, Value
 from django.utils import timezone
 from pgvector.django import VectorField
 
@@ -96,6 +97,23 @@ class DocumentContent(models.Model):
         return f"content of {self.document_id}"
 
 
+# PostgreSQL's parser reads "numpy.linspace", "refund_policy.pdf" or "docs/setup" as one token (a
+# host or file name): none of their words would match a question naming them. A dot, underscore or
+# slash before a letter becomes a space, in the indexed fields and in the query alike; "3.5" stays.
+SEARCHABLE_TEXT_PATTERN = "[._/]+(?=[[:alpha:]])"
+
+
+def searchable_text(field_name: str) -> Func:
+    return Func(
+        F(field_name),
+        Value(SEARCHABLE_TEXT_PATTERN),
+        Value(" "),
+        Value("g"),
+        function="regexp_replace",
+        output_field=models.TextField(),
+    )
+
+
 class Chunk(models.Model):
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="chunks")
     # Denormalised from the document: retrieval filters on it without a join.
@@ -113,10 +131,11 @@ class Chunk(models.Model):
     dimensions = models.PositiveSmallIntegerField()
     embedding = VectorField()
     # Three fields for BM25F (knowledge.retrieval): the weight label says which field a position is in.
+    # Dotted and snake_case names are split first (see searchable_text), as the query is.
     search_vector = models.GeneratedField(
-        expression=SearchVector("title", weight="A", config="english")
-        + SearchVector("heading", weight="B", config="english")
-        + SearchVector("text", weight="D", config="english"),
+        expression=SearchVector(searchable_text("title"), weight="A", config="english")
+        + SearchVector(searchable_text("heading"), weight="B", config="english")
+        + SearchVector(searchable_text("text"), weight="D", config="english"),
         output_field=SearchVectorField(),
         db_persist=True,
     )

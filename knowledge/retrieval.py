@@ -41,7 +41,7 @@ from django.db import transaction
 from django.db.models import Sum
 
 from knowledge.embedders import get_embedder
-from knowledge.models import ANN_INDEXED_DIMENSIONS, Document
+from knowledge.models import ANN_INDEXED_DIMENSIONS, SEARCHABLE_TEXT_PATTERN, Document
 from tenants.connection import connection
 from tenants.redis import get_redis, tenant_key
 
@@ -76,7 +76,7 @@ MATCHES_PER_PASS = 400
 # Query lexemes with their frequencies in the knowledge bases' chunks, summed over their documents.
 _TERM_STATS_QUERY = """
 SELECT q.lexeme, COALESCE(SUM(t.chunks), 0)
-FROM unnest(tsvector_to_array(to_tsvector('english', %(q)s))) AS q(lexeme)
+FROM unnest(tsvector_to_array(to_tsvector('english', regexp_replace(%(q)s, %(pattern)s, ' ', 'g')))) AS q(lexeme)
 LEFT JOIN knowledge_documentterm t ON t.knowledge_base_id = ANY(%(kbs)s) AND t.lexeme = q.lexeme
 GROUP BY q.lexeme
 """
@@ -295,7 +295,7 @@ def _query_terms(knowledge_bases: _KnowledgeBases, query: str) -> list[_Term]:
     by the "+ 1" inside the log (Lucene's form): a lexeme in most chunks weighs almost nothing."""
     total = sum(row.chunks for row in knowledge_bases.wanted)
     with connection.cursor() as cursor:
-        cursor.execute(_TERM_STATS_QUERY, {"q": query, "kbs": knowledge_bases.ids})
+        cursor.execute(_TERM_STATS_QUERY, {"q": query, "kbs": knowledge_bases.ids, "pattern": SEARCHABLE_TEXT_PATTERN})
         rows = cursor.fetchall()
     terms = [
         _Term(lexeme=lexeme, idf=math.log(1.0 + (total - df + 0.5) / (df + 0.5)), matches=int(df))

@@ -220,3 +220,18 @@ def test_hybrid_fuses_both_lists():
 )
 def test_query_parts(query, parts):
     assert retrieval._query_parts(query) == parts
+
+
+def test_dotted_and_snake_case_names_are_searchable_by_their_words():
+    """PostgreSQL's parser would keep "numpy.linspace" or "refund_policy.pdf" as one token."""
+    kb = services.knowledge_base_create(name="kb")
+    _document(kb, "numpy.linspace", ["Evenly spaced numbers over an interval."])
+    _document(kb, "refund_policy.pdf", ["Version 3.5 of the rules."])
+
+    by_title_word = retrieve(knowledge_base_ids=[kb.pk], query="linspace", limit=2, mode="text")
+    by_whole_name = retrieve(knowledge_base_ids=[kb.pk], query="refund_policy.pdf", limit=2, mode="text")
+    by_number = retrieve(knowledge_base_ids=[kb.pk], query="3.5", limit=2, mode="text")
+
+    assert _texts(by_title_word) == ["Evenly spaced numbers over an interval."]
+    assert _texts(by_whole_name) == ["Version 3.5 of the rules."]
+    assert _texts(by_number) == ["Version 3.5 of the rules."]
