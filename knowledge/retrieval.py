@@ -60,9 +60,10 @@ class RankingParameters:
     title_weight: float = 1.0  # a title's occurrence counts as this many occurrences in the text
     heading_weight: float = 1.0  # the same for the heading path
     depth: int = 50  # candidates taken from each list (at least the limit)
-    rrf_k: int = 30
+    rrf_k: int = 10
     text_weight: float = 1.0  # the full-text list's share in the fused score; vectors weigh 1
     part_weight: float = 0.0  # lists of a multi-part question's parts (0: not searched), see _query_parts
+    by_document: bool = True  # fuse documents (each list's best chunk per document), see _fuse_documents
 
 
 DEFAULT_PARAMETERS = RankingParameters()
@@ -83,7 +84,7 @@ GROUP BY q.lexeme
 
 # BM25F of the chunks matching {tsquery}: each reads only its search vector (no detoasted text).
 _BM25_QUERY = """
-SELECT c.id, s.score, count(*) OVER ()
+SELECT c.id, s.score, count(*) OVER (), c.document_id
 FROM knowledge_chunk c
 CROSS JOIN LATERAL (
     SELECT SUM(q.idf * f.tf * %(k1_plus_1)s / (f.tf + %(k1)s * (%(one_minus_b)s + %(b_per_length)s * c.token_count)))
@@ -104,7 +105,7 @@ LIMIT %(depth)s
 """
 
 _VECTOR_QUERY = """
-SELECT c.id, c.embedding::vector({dimensions}) <=> %s::vector({dimensions}) AS distance
+SELECT c.id, c.embedding::vector({dimensions}) <=> %s::vector({dimensions}) AS distance, c.document_id
 FROM knowledge_chunk c
 WHERE c.dimensions = {dimensions} AND c.knowledge_base_id = ANY(%s) {document_filter}
 ORDER BY {order}
@@ -170,6 +171,7 @@ def retrieve(
     depth = max(limit, parameters.depth)
     groups = _embedder_groups(knowledge_bases) if mode in ("hybrid", "vector") else []
     distances: dict[int, float] = {}
+    document_of: dict[int, int] = {}  # chunk → document, of every candidate
     weighted: list[tuple[float, list[int]]] = []
     text_ranked: list[int] = []
     vector_lists: list[list[int]] = []
@@ -177,16 +179,18 @@ def retrieve(
     for index, text in enumerate([query, *parts]):
         weight = 1.0 if index == 0 else parameters.part_weight
         if mode in ("hybrid", "text"):
-            ranked = _text_candidates(knowledge_bases, text, depth, document_ids, parameters, trace)
+            ranked = _text_candidates(knowledge_bases, text, depth, document_ids, parameters, trace, document_of)
             weighted.append((weight * parameters.text_weight, ranked))
             text_ranked = text_ranked or ranked
         for group in groups:
-            hits = _vector_candidates(group, text, depth, document_ids)
+            hits = _vector_candidates(group, text, depth, document_ids, document_of)
             if index == 0:
                 distances.update(hits)
                 vector_lists.append([chunk_id for chunk_id, _ in hits])
             weighted.append((weight, [chunk_id for chunk_id, _ in hits]))
     fused = _fuse(weighted, parameters.rrf_k)
+    if parameters.by_document:
+        fused = _fuse_documents(weighted, parameters.rrf_k, fused, document_of)
     reranker = _reranker_config(knowledge_bases) if rerank else None
     if reranker is not None:
         from knowledge.reranking import rerank_candidates  # the HTTP client loads only where one is configured
@@ -317,6 +321,7 @@ def _text_candidates(
     document_ids: list[int] | None,
     parameters: RankingParameters,
     trace: RetrievalTrace,
+    document_of: dict[int, int],
 ) -> list[int]:
     terms = _query_terms(knowledge_bases, query)
     if not terms:
@@ -358,7 +363,8 @@ def _text_candidates(
                 new = f"({new}) & !({_tsquery_text([term.lexeme for term in terms[:searched]])})"
             cursor.execute(sql, {**params, "tsquery": new})
             rows = cursor.fetchall()
-            scores.update((chunk_id, float(score)) for chunk_id, score, _ in rows)
+            scores.update((chunk_id, float(score)) for chunk_id, score, _, _ in rows)
+            document_of.update((row[0], row[3]) for row in rows)
             trace.scored_matches += rows[0][2] if rows else 0
             trace.passes.append(added)
             searched += added
@@ -390,7 +396,9 @@ def query_embedding(embedder_config: dict, query: str) -> list[float]:
     return vector
 
 
-def _vector_candidates(group: _EmbedderGroup, query, candidates, document_ids) -> list[tuple[int, float]]:
+def _vector_candidates(
+    group: _EmbedderGroup, query, candidates, document_ids, document_of: dict[int, int]
+) -> list[tuple[int, float]]:
     vector = query_embedding(group.embedder, query)
     literal = "[" + ",".join(repr(float(value)) for value in vector) + "]"
     in_scope = group.chunks
@@ -414,7 +422,9 @@ def _vector_candidates(group: _EmbedderGroup, query, candidates, document_ids) -
             ef_search = _ef_search(group.dimension_chunks or in_scope, in_scope, candidates)
             cursor.execute("SET LOCAL hnsw.ef_search = %s", [ef_search])
         cursor.execute(sql, [*params, literal, candidates])
-        return [(row[0], float(row[1])) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+    document_of.update((row[0], row[2]) for row in rows)
+    return [(row[0], float(row[1])) for row in rows]
 
 
 def _ef_search(total: int, in_scope: int, candidates: int) -> int:
@@ -432,6 +442,31 @@ def _fuse(weighted_lists: list[tuple[float, list[int]]], rrf_k: int) -> list[tup
             scores[chunk_id] += weight / (rrf_k + rank)
     ordered = sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))
     return [(chunk_id, scores[chunk_id]) for chunk_id in ordered]
+
+
+def _fuse_documents(
+    weighted_lists: list[tuple[float, list[int]]],
+    rrf_k: int,
+    fused: list[tuple[int, float]],
+    document_of: dict[int, int],
+) -> list[tuple[int, float]]:
+    """Rank documents, not chunks: in each list a document takes the rank of its best chunk (its
+    other chunks do not push other documents down), the documents are fused as chunks are, and each
+    contributes its best fused chunk in that order; the other chunks follow in fused order. A document
+    cut into many chunks otherwise fills a list with itself and spreads its evidence thin."""
+    document_lists = []
+    for weight, ranked in weighted_lists:
+        seen: dict[int, int] = {}
+        for chunk_id in ranked:
+            seen.setdefault(document_of[chunk_id], chunk_id)
+        document_lists.append((weight, list(seen)))
+    document_order = [document_id for document_id, _ in _fuse(document_lists, rrf_k)]
+    best_chunk: dict[int, tuple[int, float]] = {}
+    for chunk_id, score in fused:
+        best_chunk.setdefault(document_of[chunk_id], (chunk_id, score))
+    leaders = [best_chunk[document_id] for document_id in document_order]
+    led = {chunk_id for chunk_id, _ in leaders}
+    return [*leaders, *((chunk_id, score) for chunk_id, score in fused if chunk_id not in led)]
 
 
 # Where a question that names several things splits ("X and Y", "X versus Y", "X or Y", lists).

@@ -235,3 +235,18 @@ def test_dotted_and_snake_case_names_are_searchable_by_their_words():
     assert _texts(by_title_word) == ["Evenly spaced numbers over an interval."]
     assert _texts(by_whole_name) == ["Version 3.5 of the rules."]
     assert _texts(by_number) == ["Version 3.5 of the rules."]
+
+
+def test_documents_are_fused_by_their_best_chunk():
+    """A document cut into many chunks does not fill the list: each document leads with its best
+    chunk, in the documents' fused order, and its other chunks follow."""
+    kb = services.knowledge_base_create(name="kb")
+    long = _document(kb, "Long", [f"invoice numbering rule {index}: invoices are numbered" for index in range(6)])
+    short = _document(kb, "Short", ["Invoices can be paid by card."])
+    plain = retrieval.RankingParameters(by_document=False)
+
+    by_chunk = retrieve(knowledge_base_ids=[kb.pk], query="invoice", limit=3, mode="text", parameters=plain)
+    by_document = retrieve(knowledge_base_ids=[kb.pk], query="invoice", limit=3, mode="text")
+
+    assert [hit.document_id for hit in by_chunk] == [long.pk, long.pk, long.pk]
+    assert [hit.document_id for hit in by_document] == [long.pk, short.pk, long.pk]
