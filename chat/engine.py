@@ -393,6 +393,11 @@ async def run_turn(
                 CitationTracker(sources),
             )
         except ProviderError as error:
+            # The details (an upstream's own words, its address) are the operator's, in the logs;
+            # the caller gets a generic message by code (_terminal_event).
+            logger.warning(
+                "turn_provider_error", generation_id=job.generation_id, code=error.code, detail=error.message
+            )
             outcome.error = error
             outcome.finish_reason = "error"
         if lookup and outcome.error is None and outcome.finish_reason == "stop" and outcome.usage is not None:
@@ -447,11 +452,25 @@ async def _finish(
             logger.exception("turn_settle_failed", generation_id=job.generation_id)
 
 
+# What a caller is told when the model fails, by error code: an upstream's own message can name
+# internal hosts or echo what it was sent, so it goes to the logs only.
+PUBLIC_PROVIDER_MESSAGES = {
+    "rate_limit_exceeded": "The model provider is busy; try again shortly.",
+    "provider_unavailable": "The model provider could not be reached.",
+    "provider_timeout": "The model provider did not answer in time.",
+    "invalid_request": "The model provider refused the request.",
+    "provider_misconfigured": "The model provider refused the request; check the bot's provider settings.",
+    "context_length_exceeded": "The conversation is too long for the model.",
+    "stream_interrupted": "The model's answer broke off.",
+}
+PUBLIC_PROVIDER_MESSAGE = "The model provider could not answer."
+
+
 def _terminal_event(outcome: TurnOutcome) -> tuple[str, dict[str, Any]]:
     if outcome.error is None:
         return "done", done_event(outcome)
     return "error", {
-        "message": outcome.error.message,
+        "message": PUBLIC_PROVIDER_MESSAGES.get(outcome.error.code or "", PUBLIC_PROVIDER_MESSAGE),
         "type": outcome.error.error_type,
         "code": outcome.error.code,
         "message_id": outcome.message_id,

@@ -342,6 +342,13 @@ OAUTH2_PROVIDER = {
     "ALLOWED_REDIRECT_URI_SCHEMES": ["https"] if IS_PRODUCTION else ["http", "https"],
 }
 
+# Networks (CIDR) and host names that tenant-configured model servers, vLLM pools, embedders and
+# rerankers may reach although they are not public (tenants.outbound): self-hosted model servers.
+# Development and tests list loopback, where the mock model server runs; production lists nothing.
+PARLEY_OUTBOUND_ALLOWLIST = env.list(
+    "PARLEY_OUTBOUND_ALLOWLIST", default=[] if IS_PRODUCTION else ["127.0.0.0/8", "::1/128", "localhost"]
+)
+
 # Secret mixed into API-key hashes so that a leaked table alone cannot be used offline.
 PARLEY_API_KEY_PEPPER = env.str("PARLEY_API_KEY_PEPPER", default=SECRET_KEY)
 PARLEY_RESOLUTION_CACHE_SECONDS = env.int("PARLEY_RESOLUTION_CACHE_SECONDS", default=300)

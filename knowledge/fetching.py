@@ -33,6 +33,9 @@ import httpx
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+# The address rules are the outbound guard's, shared by every tenant-supplied URL.
+from tenants.outbound import is_public_address, literal_address
+
 USER_AGENT = "ParleyBot/1.0 (+knowledge ingestion)"
 MAX_URL_LENGTH = 2048
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -40,12 +43,6 @@ READ_CHUNK_BYTES = 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 TRANSIENT_STATUSES = frozenset({408, 425, 429})  # plus every 5xx
-
-# Networks that embed an IPv4 address in an IPv6 one: the embedded address is what gets reached.
-_NAT64_NETWORK = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known prefix: the IPv4 address in the last 32 bits
-# Local-use NAT64 (RFC 8215): the operator picks how the IPv4 address is embedded, so it is refused.
-_LOCAL_NAT64_NETWORK = ipaddress.IPv6Network("64:ff9b:1::/48")
-_SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT, not is_private on 3.11
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -77,47 +74,7 @@ class Fetched:
 # Addresses
 
 
-def is_public_address(address: IPAddress) -> bool:
-    """Whether ``address`` is globally routable: not private, loopback, link-local, multicast, reserved, …
-
-    IPv6 addresses that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) are judged by it too.
-    """
-    if isinstance(address, ipaddress.IPv6Address):
-        # Mapped and NAT64 addresses reach exactly the IPv4 address they carry (on an IPv6-only
-        # network with DNS64, every public host resolves to a NAT64 address).
-        translated = address.ipv4_mapped
-        if translated is None and address in _NAT64_NETWORK:
-            translated = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if translated is not None:
-            return is_public_address(translated)
-        # 6to4 and Teredo tunnel to the IPv4 address they carry: both must be public.
-        tunnelled = address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if (tunnelled is not None and not is_public_address(tunnelled)) or address in _LOCAL_NAT64_NETWORK:
-            return False
-    elif address in _SHARED_ADDRESS_SPACE:
-        return False
-    return address.is_global and not (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast  # 224.0.0.0/4 counts as global on Python 3.11
-        or address.is_reserved
-        or address.is_unspecified
-    )
-
-
-def _literal_address(host: str) -> IPAddress | None:
-    """``host`` as an IP address if it is one, including the legacy IPv4 forms resolvers accept ("127.1", "0x7f.1")."""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    if host and all(character in "0123456789abcdefxABCDEFX." for character in host):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
-    return None
+_literal_address = literal_address
 
 
 def _allowed_hosts() -> frozenset[tuple[str, int]]:

@@ -32,6 +32,7 @@ import structlog
 
 from knowledge.extractors.base import HEADING_SEPARATOR
 from tenants.errors import ValidationFailed
+from tenants.outbound import guarded_transport
 
 if TYPE_CHECKING:
     from knowledge.retrieval import RetrievalTrace, RetrievedChunk
@@ -118,7 +119,10 @@ def _http() -> httpx.Client:
     global _client
     with _client_lock:
         if _client is None:
-            _client = httpx.Client(limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
+            # Every connection resolved, checked and pinned (tenants.outbound): the URL is a tenant's.
+            _client = httpx.Client(
+                transport=guarded_transport(limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
+            )
         return _client
 
 

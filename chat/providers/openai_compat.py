@@ -47,6 +47,7 @@ from chat.providers.base import (
     estimate_prompt_tokens,
     estimate_tokens,
 )
+from tenants.outbound import GuardedTCPConnector, guarded_async_transport
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -207,7 +208,10 @@ class OpenAICompatProvider(Provider):
                 max_retries=0,
                 timeout=openai.Timeout(self.timeout, connect=self.connect_timeout),
                 default_headers=self.headers or None,
-                http_client=openai.DefaultAsyncHttpxClient(verify=shared_ssl_context()),
+                # Every connection (redirects included) resolved, checked and pinned: tenants.outbound.
+                http_client=openai.DefaultAsyncHttpxClient(
+                    transport=guarded_async_transport(verify=shared_ssl_context(), library="httpx2")
+                ),
             )
         return self._client
 
@@ -370,7 +374,8 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=shared_ssl_context()),
+                # Every address resolved is checked before it is connected to: tenants.outbound.
+                connector=GuardedTCPConnector(limit=self.connection_limit, ssl=shared_ssl_context()),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout),
                 read_bufsize=_MAX_SSE_LINE_BYTES // 2,  # large reads: a long line (a cached answer) comes in few pieces
                 raise_for_status=False,
@@ -399,6 +404,7 @@ class AiohttpOpenAICompatProvider(OpenAICompatProvider):
                     data=orjson.dumps(body),
                     headers=self._request_headers,
                     timeout=timeout,
+                    allow_redirects=False,  # a model server has no reason to redirect a completion
                 )
                 if response.status == 200:
                     return response

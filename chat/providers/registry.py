@@ -44,11 +44,13 @@ from chat.providers.openai_compat import CLIENTS, DEFAULT_CONNECT_TIMEOUT_SECOND
 from chat.providers.routing import ProviderRoute, Target
 from chat.providers.vllm_pool import DEFAULT_SCRAPE_INTERVAL_SECONDS, VllmPoolProvider
 from tenants.errors import ValidationFailed
+from tenants.outbound import OutboundRefused, validate_outbound_url
 from tenants.redis import get_async_redis
 
 MAX_TARGETS = 8
 MAX_POOL_ENDPOINTS = 64
 MAX_TIMEOUT_SECONDS = 600.0
+MIN_SCRAPE_INTERVAL_SECONDS = 1.0
 # The SDK is the reference client for hosted APIs; pools of self-hosted vLLM replicas exist for
 # throughput, where the SDK's per-request CPU (see chat.providers.openai_compat) would dominate.
 DEFAULT_OPENAI_CLIENT = "sdk"
@@ -88,7 +90,8 @@ TARGET_FIELDS: dict[str, dict[str, FieldRule]] = {
         "model": FieldRule("string", is_required=True),
         "api_key": FieldRule("secret"),
         "connect_timeout": _TIMEOUT,
-        "scrape_interval": FieldRule("number", minimum=0.05, maximum=60),
+        # Probes go to tenant-chosen hosts: at most two GETs per endpoint a second.
+        "scrape_interval": FieldRule("number", minimum=MIN_SCRAPE_INTERVAL_SECONDS, maximum=60),
         "affinity_slack": FieldRule("number", minimum=0, maximum=1000),
         "client": FieldRule("client"),
     },
@@ -145,12 +148,10 @@ def _clean_value(value: Any, rule: FieldRule, param: str) -> Any:
 
 
 def _clean_url(value: Any, param: str) -> str:
-    if not isinstance(value, str):
-        raise _fail(param, "must be an http(s) URL.")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail(param, "must be an http(s) URL.")
-    return value.rstrip("/")
+    try:
+        return validate_outbound_url(value)  # no internal addresses unless the operator allows them
+    except OutboundRefused as error:
+        raise _fail(param, str(error)) from None
 
 
 def _clean_fields(data: Any, rules: dict[str, FieldRule], param: str) -> dict[str, Any]:
@@ -245,7 +246,9 @@ def _provider_for(target: dict[str, Any], *, name: str, default_timeout: float) 
         name=name,
         timeout=timeout,
         connect_timeout=target.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT_SECONDS),
-        scrape_interval=target.get("scrape_interval", DEFAULT_SCRAPE_INTERVAL_SECONDS),
+        scrape_interval=max(
+            MIN_SCRAPE_INTERVAL_SECONDS, target.get("scrape_interval", DEFAULT_SCRAPE_INTERVAL_SECONDS)
+        ),
         client=target.get("client", DEFAULT_POOL_CLIENT),
         **({"affinity_slack": target["affinity_slack"]} if "affinity_slack" in target else {}),
     )

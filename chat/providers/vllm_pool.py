@@ -52,6 +52,7 @@ from chat.providers.openai_compat import (
     shared_ssl_context,
 )
 from config.logging import get_logger
+from tenants.outbound import guarded_async_transport
 
 logger = get_logger(__name__)
 
@@ -328,7 +329,9 @@ class VllmPoolProvider(Provider):
         """Probe every replica once: health, then load."""
         self._refreshed_at = time.monotonic()
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.probe_timeout, verify=shared_ssl_context())
+            self._http = httpx.AsyncClient(
+                timeout=self.probe_timeout, transport=guarded_async_transport(verify=shared_ssl_context())
+            )
         await asyncio.gather(*(self._probe(replica, self._http) for replica in self.replicas))
 
     async def _probe(self, replica: Replica, http: httpx.AsyncClient) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import openai
 
 from knowledge.embedders.base import EmbedderError, unit_vector
+from tenants.outbound import guarded_transport
 
 DEFAULT_BATCH_SIZE = 64  # texts per request: well under every server's limit (OpenAI's is 2048)
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -58,6 +59,8 @@ class OpenAICompatEmbedder:
             api_key=api_key or "unused",
             timeout=openai.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_SECONDS, timeout_s)),
             max_retries=0,
+            # Every connection (redirects included) resolved, checked and pinned: tenants.outbound.
+            http_client=openai.DefaultHttpxClient(transport=guarded_transport(library="httpx2")),
         )
 
     def __repr__(self) -> str:

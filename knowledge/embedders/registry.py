@@ -26,7 +26,6 @@ import math
 import threading
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import urlsplit
 
 from knowledge.embedders.base import Embedder
 from knowledge.embedders.local import DIMENSIONS as LOCAL_DIMENSIONS
@@ -38,6 +37,7 @@ from knowledge.embedders.openai_compat import (
     OpenAICompatEmbedder,
 )
 from tenants.errors import ValidationFailed
+from tenants.outbound import OutboundRefused, validate_outbound_url
 
 # The vector sizes with an ANN index in every tenant schema: a knowledge base can use only these.
 SUPPORTED_DIMENSIONS = (384, 768, 1024, 1536)
@@ -83,21 +83,12 @@ def _string(config: dict[str, Any], name: str) -> str:
 
 
 def _base_url(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > MAX_URL_LENGTH:
-        raise _fail("'base_url' must be an http(s) URL.")
+    # The one outbound guard: http(s), no credentials, query or fragment, no internal address
+    # unless the operator allows it (the connection is checked again: tenants.outbound).
     try:
-        parts = urlsplit(value.strip())
-        parts.port  # noqa: B018 - parsing the port raises ValueError when it is not a number
-    except ValueError:
-        raise _fail("'base_url' must be an http(s) URL.") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail("'base_url' must be an http(s) URL.")
-    if parts.username is not None or parts.password is not None:
-        # The URL ends up in logs, error messages and cache keys; the key has its own field.
-        raise _fail("'base_url' must not contain credentials; put the key in 'api_key'.")
-    if parts.query or parts.fragment:
-        raise _fail("'base_url' must not have a query or fragment.")
-    return value.strip().rstrip("/")
+        return validate_outbound_url(value)
+    except OutboundRefused as error:
+        raise _fail(f"'base_url' {error}") from None
 
 
 def _dimensions(config: dict[str, Any]) -> int:
