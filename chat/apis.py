@@ -29,17 +29,41 @@ def end_user_of(request, external_user: str | None = None) -> EndUser:
 # --- bots ---------------------------------------------------------------------------------------
 
 
+def bot_output_context(request) -> dict:
+    scopes: frozenset[str] = getattr(request.auth, "scopes", frozenset())
+    return {"is_admin": "admin" in scopes}
+
+
+@extend_schema_field(OpenApiTypes.OBJECT)
+class _MaskedRouteField(serializers.JSONField):
+    def to_representation(self, value):
+        return services.route_masked(value)
+
+
+# Shown to admin-scope callers only: a route names the tenant's model servers (secrets masked), a
+# system prompt is the bot's own configuration — neither is for chat-scope keys or members.
+ADMIN_ONLY_BOT_FIELDS = ("system_prompt", "provider_route")
+
+
 class BotOutputSerializer(serializers.ModelSerializer):
+    """A bot; ``context["is_admin"]`` (``bot_output_context``) adds its route and system prompt."""
+
     id = serializers.CharField(source="public_id")
     # many=True, spelled out so that type checkers see the ManyRelatedField it builds
     knowledge_bases = serializers.PrimaryKeyRelatedField.many_init(read_only=True)
-    provider_route = serializers.SerializerMethodField(
-        help_text=f"Provider API keys read as {services.MASKED_SECRET}; send it back unchanged to keep a key."
+    system_prompt = serializers.CharField(required=False, help_text="Admin scope only.")
+    provider_route = _MaskedRouteField(
+        required=False,
+        help_text=f"Admin scope only. Provider API keys and header values read as {services.MASKED_SECRET}; "
+        "send them back unchanged to keep them (for the same kind, base URL and endpoints).",
     )
 
-    @extend_schema_field(OpenApiTypes.OBJECT)
-    def get_provider_route(self, bot: Bot) -> dict:
-        return services.route_masked(bot.provider_route)
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        if not self.context.get("is_admin"):
+            for name in ADMIN_ONLY_BOT_FIELDS:
+                data.pop(name, None)
+        return data
 
     class Meta:
         model = Bot
@@ -90,14 +114,16 @@ class BotListCreateApi(TenantAPIView):
 
     @extend_schema(responses=BotOutputSerializer(many=True))
     def get(self, request):
-        return Response({"object": "list", "data": BotOutputSerializer(selectors.bot_list(), many=True).data})
+        bots = BotOutputSerializer(selectors.bot_list(), many=True, context=bot_output_context(request)).data
+        return Response({"object": "list", "data": bots})
 
     @extend_schema(request=BotInputSerializer, responses={201: BotOutputSerializer})
     def post(self, request):
         serializer = BotInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         bot = services.bot_create(**serializer.validated_data)
-        return Response(BotOutputSerializer(bot).data, status=status.HTTP_201_CREATED)
+        output = BotOutputSerializer(bot, context=bot_output_context(request)).data
+        return Response(output, status=status.HTTP_201_CREATED)
 
 
 class BotDetailApi(TenantAPIView):
@@ -105,7 +131,8 @@ class BotDetailApi(TenantAPIView):
 
     @extend_schema(responses=BotOutputSerializer)
     def get(self, request, bot_id: str):
-        return Response(BotOutputSerializer(selectors.bot_get(public_id=bot_id)).data)
+        bot = selectors.bot_get(public_id=bot_id)
+        return Response(BotOutputSerializer(bot, context=bot_output_context(request)).data)
 
     @extend_schema(request=BotInputSerializer(partial=True), responses=BotOutputSerializer)
     def patch(self, request, bot_id: str):
@@ -113,7 +140,7 @@ class BotDetailApi(TenantAPIView):
         serializer = BotInputSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         bot = services.bot_update(bot=bot, **serializer.validated_data)
-        return Response(BotOutputSerializer(bot).data)
+        return Response(BotOutputSerializer(bot, context=bot_output_context(request)).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request, bot_id: str):

@@ -43,30 +43,73 @@ GENERATION_LIMITS: dict[str, tuple[type, float, float]] = {
 MASKED_SECRET = "********"  # noqa: S105 - the mask shown instead of a secret, not a secret
 
 
+def _target_masked(target: dict) -> dict:
+    masked = {}
+    for key, value in target.items():
+        if key == "api_key" and value:
+            value = MASKED_SECRET
+        elif key == "headers" and isinstance(value, dict):
+            value = dict.fromkeys(value, MASKED_SECRET)  # Azure's api-key, Authorization: every value may be one
+        masked[key] = value
+    return masked
+
+
 def route_masked(route: dict) -> dict:
-    """The route with provider API keys hidden: no page or API response shows a stored secret."""
-    targets = [
-        {key: (MASKED_SECRET if key == "api_key" and value else value) for key, value in target.items()}
-        for target in route.get("targets", [])
-    ]
-    return {**route, "targets": targets}
+    """The route with provider secrets hidden — API keys and every header value: no page or API
+    response shows a stored secret."""
+    return {**route, "targets": [_target_masked(target) for target in route.get("targets", [])]}
+
+
+# What a stored secret is bound to: sent with the mask, it is restored only to the same upstream.
+_UPSTREAM_FIELDS = ("kind", "base_url", "endpoints")
+
+
+def _upstream_of(target: dict) -> tuple:
+    def normal(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().rstrip("/")
+        if isinstance(value, list):
+            return tuple(normal(item) for item in value)
+        return value
+
+    return tuple(normal(target.get(name)) for name in _UPSTREAM_FIELDS)
 
 
 def route_secrets_restored(route: Any, previous: dict | None) -> Any:
-    """Put stored secrets back where a client sent the mask unchanged (same target position). A
-    mask with no key stored behind it is refused: it must not become the key."""
+    """Put stored secrets (API key, header values) back where a client sent the mask, at the same
+    target position and only if that target still points at the same upstream (kind, base URL,
+    endpoints): otherwise the mask would send the stored key to a server of the caller's choosing.
+    A mask with no secret stored behind it is refused: it must not become the secret."""
     if not isinstance(route, dict) or not isinstance(route.get("targets"), list):
         return route
     old_targets = (previous or {}).get("targets", [])
     for index, target in enumerate(route["targets"]):
-        if isinstance(target, dict) and target.get("api_key") == MASKED_SECRET:
-            old = old_targets[index] if index < len(old_targets) else {}
-            if not (isinstance(old, dict) and old.get("api_key")):
+        if not isinstance(target, dict):
+            continue
+        old = old_targets[index] if index < len(old_targets) else {}
+        if not isinstance(old, dict) or _upstream_of(old) != _upstream_of(target):
+            old = {}
+        if target.get("api_key") == MASKED_SECRET:
+            if not old.get("api_key"):
                 raise ValidationFailed(
-                    f"{MASKED_SECRET} stands for a stored API key, and this target has none: send the key itself.",
+                    f"{MASKED_SECRET} stands for the API key stored for this target's kind, base URL and "
+                    "endpoints; for a new or changed target, send the key itself.",
                     param=f"provider_route.targets[{index}].api_key",
                 )
             target["api_key"] = old["api_key"]
+        headers = target.get("headers")
+        if isinstance(headers, dict):
+            stored = old.get("headers")
+            old_headers: dict = stored if isinstance(stored, dict) else {}
+            for name, value in headers.items():
+                if value == MASKED_SECRET:
+                    if name not in old_headers:
+                        raise ValidationFailed(
+                            f"{MASKED_SECRET} stands for the header value stored for this target's kind, base "
+                            "URL and endpoints; for a new or changed target, send the value itself.",
+                            param=f"provider_route.targets[{index}].headers.{name}",
+                        )
+                    headers[name] = old_headers[name]
     return route
 
 

@@ -181,6 +181,8 @@ def bot_edit(request: HttpRequest, public_id: str) -> HttpResponse:
 
 
 def _bot_detail_context(request: HttpRequest, bot: Bot) -> dict:
+    membership = getattr(request, "membership", None)  # site_page sets it
+    is_admin = membership is not None and membership.is_admin
     base = request.build_absolute_uri("/").rstrip("/")
     static = settings.STATIC_URL.strip("/")
     snippet = f'<script src="{base}/{static}/widget/parley.js" data-bot="{bot.public_id}" async></script>'
@@ -188,7 +190,8 @@ def _bot_detail_context(request: HttpRequest, bot: Bot) -> dict:
         "bot": bot,
         "snippet": snippet,
         "knowledge_bases": list(bot.knowledge_bases.all()),
-        "route_json": json.dumps(route_masked(bot.provider_route), indent=2),
+        # Admins only (the template shows it to them alone): the route names the model servers.
+        "route_json": json.dumps(route_masked(bot.provider_route), indent=2) if is_admin else "",
         "nav": "bots",
     }
 
