@@ -299,9 +299,9 @@ def _load(
     bulk.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema_name, INDEX_NAME)))
 
     started = time.perf_counter()
-    columns = "document_id, knowledge_base_id, position, text, page, heading, token_count, dimensions, embedding"
+    columns = "document_id, knowledge_base_id, position, text, page, heading, title, token_count, dimensions, embedding"
     with bulk.cursor() as cursor, cursor.copy(f"COPY knowledge_chunk ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types(["int8", "int8", "int4", "text", "int4", "varchar", "int4", "int2", "vector"])
+        copy.set_types(["int8", "int8", "int4", "text", "int4", "varchar", "varchar", "int4", "int2", "vector"])
         for index in range(start, end):
             base_index = int(corpus.base_of[index])
             copy.write_row(
@@ -312,6 +312,7 @@ def _load(
                     corpus.texts[index],
                     base.pages[base_index],
                     base.headings[base_index],
+                    documents[(index - start) // CHUNKS_PER_DOCUMENT].title,
                     base.token_counts[base_index],
                     DIMENSIONS,
                     corpus.vectors[index],
