@@ -250,3 +250,14 @@ def test_documents_are_fused_by_their_best_chunk():
 
     assert [hit.document_id for hit in by_chunk] == [long.pk, long.pk, long.pk]
     assert [hit.document_id for hit in by_document] == [long.pk, short.pk, long.pk]
+
+
+def test_a_document_filter_restricts_both_lists():
+    kb = services.knowledge_base_create(name="kb")
+    first = _document(kb, "First", ["Invoices are monthly."])
+    second = _document(kb, "Second", ["Invoices are yearly."])
+
+    hits = retrieve(knowledge_base_ids=[kb.pk], query="invoices", limit=5, document_ids=[second.pk])
+
+    assert [hit.document_id for hit in hits] == [second.pk]
+    assert first.pk not in {hit.document_id for hit in hits}
