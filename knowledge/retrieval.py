@@ -12,13 +12,15 @@ by the text's length against the knowledge base's mean (``b``); its inverse docu
 from the knowledge base's own statistics (:class:`~knowledge.models.DocumentTerm`, summed over its
 documents), so a word common in this knowledge base weighs little even if it is rare elsewhere.
 
-Which matches are ranked: all that can reach the top of the list. The query's lexemes are taken from
-the rarest up (MaxScore): the matches of the rarest ones are scored exactly, and a chunk that holds
-none of them can score at most the sum of the other lexemes' upper bounds, ``idf·(k1 + 1)`` each;
-once the list's last kept score beats that sum, nothing unscored can enter it, and ranking stops.
-Otherwise the next lexeme's new matches are scored, until the list is proven complete or
-``MAX_SCORED_MATCHES`` chunks have been scored (the stated bound on the cost: a question made only
-of words that occur in most chunks). ``RetrievalTrace`` says which happened.
+Which matches are ranked: all that can reach the top of the list, within a stated cost. The
+chunks holding every query lexeme are scored first (usually the best). Then the lexemes are taken
+from the rarest up (MaxScore): the matches of the rarest ones are scored exactly, and a chunk that
+holds none of them can score at most the sum of the other lexemes' upper bounds, ``idf·(k1 + 1)``
+each; once the list's last kept score beats that sum, nothing unscored can enter it, and ranking
+stops. Otherwise the next lexeme's new matches are scored, and so on. At most
+``MAX_SCORED_MATCHES`` chunks are scored in all (the bound on the cost, which a question made only
+of words present in thousands of chunks reaches: it then ranks the matches scored so far).
+``RetrievalTrace.text_exact`` says whether the list was proven exact.
 
 Vector search is exact when the searched scope is small (a filtered scan is fast and perfectly
 accurate, whereas an HNSW scan filtered afterwards can come back short), and approximate (HNSW,
@@ -67,12 +69,12 @@ class RankingParameters:
 
 
 DEFAULT_PARAMETERS = RankingParameters()
-# The cost bound of one full-text ranking: chunks whose BM25F score is computed (each reads its
-# search vector, about 3-6 µs; see the retrieval benchmark).
-MAX_SCORED_MATCHES = 3000
+# The cost bound of one full-text ranking: chunks whose BM25F score is computed (each unnests its
+# search vector: about 15-40 µs on this project's 2-core machine, see the retrieval benchmark).
+MAX_SCORED_MATCHES = 500
 # Matches a pass of MaxScore adds at most (beyond its first lexeme): small, so that a question with
 # a rare word scores that word's few matches and stops there, not every match of its common words.
-MATCHES_PER_PASS = 400
+MATCHES_PER_PASS = 250
 
 # Query lexemes with their frequencies in the knowledge bases' chunks, summed over their documents.
 _TERM_STATS_QUERY = """
@@ -82,25 +84,31 @@ LEFT JOIN knowledge_documentterm t ON t.knowledge_base_id = ANY(%(kbs)s) AND t.l
 GROUP BY q.lexeme
 """
 
-# BM25F of the chunks matching {tsquery}: each reads only its search vector (no detoasted text).
+# BM25F of at most %(budget)s chunks matching {tsquery} (found through the GIN index): each reads only
+# its search vector. The candidates are materialised first so that the LIMIT bounds the scoring.
 _BM25_QUERY = """
-SELECT c.id, s.score, count(*) OVER (), c.document_id
-FROM knowledge_chunk c
+WITH m AS MATERIALIZED (
+    SELECT c.id, c.document_id, c.token_count, c.search_vector
+    FROM knowledge_chunk c
+    WHERE c.knowledge_base_id = ANY(%(kbs)s) {document_filter} AND c.search_vector @@ %(tsquery)s::tsquery
+    LIMIT %(budget)s
+)
+SELECT m.id, s.score, count(*) OVER (), m.document_id
+FROM m
 CROSS JOIN LATERAL (
-    SELECT SUM(q.idf * f.tf * %(k1_plus_1)s / (f.tf + %(k1)s * (%(one_minus_b)s + %(b_per_length)s * c.token_count)))
+    SELECT SUM(q.idf * f.tf * %(k1_plus_1)s / (f.tf + %(k1)s * (%(one_minus_b)s + %(b_per_length)s * m.token_count)))
         AS score
     FROM (
         SELECT v.lexeme,
                cardinality(v.weights)
                + %(title_extra)s * cardinality(array_positions(v.weights, 'A'))
                + %(heading_extra)s * cardinality(array_positions(v.weights, 'B')) AS tf
-        FROM unnest(c.search_vector) v
+        FROM unnest(m.search_vector) v
         WHERE v.lexeme = ANY(%(lexemes)s)
     ) f
     JOIN unnest(%(lexemes)s::text[], %(idfs)s::float8[]) AS q(lexeme, idf) ON q.lexeme = f.lexeme
 ) s
-WHERE c.knowledge_base_id = ANY(%(kbs)s) {document_filter} AND c.search_vector @@ %(tsquery)s::tsquery
-ORDER BY s.score DESC, c.id
+ORDER BY s.score DESC, m.id
 LIMIT %(depth)s
 """
 
@@ -347,34 +355,51 @@ def _text_candidates(
     sql = _BM25_QUERY.format(document_filter=document_filter)
     upper_bounds = [term.idf * (parameters.k1 + 1.0) for term in terms]
     scores: dict[int, float] = {}
+
+    def score(tsquery: str) -> bool:
+        """Score the matches of ``tsquery`` within the remaining budget; False when it cut them short."""
+        remaining = MAX_SCORED_MATCHES - trace.scored_matches
+        cursor.execute(sql, {**params, "tsquery": tsquery, "budget": remaining})
+        rows = cursor.fetchall()
+        scores.update((chunk_id, float(value)) for chunk_id, value, _, _ in rows)
+        document_of.update((row[0], row[3]) for row in rows)
+        matched = rows[0][2] if rows else 0
+        trace.scored_matches += matched
+        return matched < remaining
+
+    # Chunks holding every lexeme first: usually the best, and scored even when a budget cut follows.
+    everything = " & ".join(f"({_tsquery_text([term.lexeme])})" for term in terms) if len(terms) > 1 else ""
     searched = 0  # terms whose matches are all scored
     with connection.cursor() as cursor:
+        if everything and not score(everything):
+            trace.text_exact = False
+            return _ranked(scores, depth)
         while searched < len(terms):
-            # The next lexemes, rarest first, as many as fit this pass and the remaining budget (one at least).
+            # The next lexemes, rarest first, as many as fit this pass and the budget (one at least).
             added, expected = 0, 0
-            budget = min(MATCHES_PER_PASS, MAX_SCORED_MATCHES - trace.scored_matches)
+            room = min(MATCHES_PER_PASS, MAX_SCORED_MATCHES - trace.scored_matches)
             while searched + added < len(terms):
                 matches = terms[searched + added].matches
-                if added and expected + matches > budget:
+                if added and expected + matches > room:
                     break
                 added, expected = added + 1, expected + matches
             new = _tsquery_text([term.lexeme for term in terms[searched : searched + added]])
             if searched:  # matches of the lexemes already searched are scored already
                 new = f"({new}) & !({_tsquery_text([term.lexeme for term in terms[:searched]])})"
-            cursor.execute(sql, {**params, "tsquery": new})
-            rows = cursor.fetchall()
-            scores.update((chunk_id, float(score)) for chunk_id, score, _, _ in rows)
-            document_of.update((row[0], row[3]) for row in rows)
-            trace.scored_matches += rows[0][2] if rows else 0
+            if everything:
+                new = f"({new}) & !({everything})"
             trace.passes.append(added)
+            if not score(new):
+                trace.text_exact = False  # the budget is spent: the list ranks what was scored
+                break
             searched += added
             kept = sorted(scores.values(), reverse=True)[:depth]
-            unscored_bound = sum(upper_bounds[searched:])
-            if len(kept) >= depth and kept[-1] > unscored_bound:
+            if len(kept) >= depth and kept[-1] > sum(upper_bounds[searched:]):
                 break  # nothing unscored can enter the list
-            if trace.scored_matches >= MAX_SCORED_MATCHES:
-                trace.text_exact = searched >= len(terms)
-                break
+    return _ranked(scores, depth)
+
+
+def _ranked(scores: dict[int, float], depth: int) -> list[int]:
     return sorted(scores, key=lambda chunk_id: (-scores[chunk_id], chunk_id))[:depth]
 
 
