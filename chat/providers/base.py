@@ -131,6 +131,11 @@ class Completion:
 # Errors
 
 
+# The ``name`` of the user-role message that carries a turn's retrieved sources (chat.engine): data
+# for the model, not the user's words (the local responder does not take it for the question).
+SOURCES_MESSAGE_NAME = "sources"
+
+
 class ProviderError(ParleyError):
     """A provider could not produce (or finish) an answer.
 

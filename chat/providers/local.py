@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 
 from chat.providers.base import (
+    SOURCES_MESSAGE_NAME,
     ChatRequest,
     Citation,
     Completion,
@@ -113,7 +114,11 @@ class ScoredSentence:
 
 def question_terms(messages: list[dict]) -> dict[str, float]:
     """Query term weights: the last user message, plus a little of the one before it."""
-    user_texts = [message_text(message) for message in messages if message.get("role") == "user"]
+    user_texts = [
+        message_text(message)
+        for message in messages
+        if message.get("role") == "user" and message.get("name") != SOURCES_MESSAGE_NAME
+    ]
     if not user_texts:
         return {}
     weights = dict.fromkeys(terms(user_texts[-2]) if len(user_texts) > 1 else (), PREVIOUS_QUESTION_WEIGHT)

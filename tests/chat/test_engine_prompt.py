@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from chat.engine import SOURCES_INSTRUCTIONS, CitationTracker, TurnInputs, build_messages
 from chat.providers.base import Source
 
@@ -28,19 +30,20 @@ def _inputs(**changes) -> TurnInputs:
 def test_sources_are_delimited_numbered_and_marked_untrusted():
     messages = build_messages(_inputs(), SOURCES)
     system = messages[0]["content"]
+    sources = messages[3]["content"]
+    tag = re.search(r"<(source-[0-9a-f]{16}) ", sources).group(1)
 
     assert messages[0]["role"] == "system"
     assert system.startswith("Be brief.\n\n" + SOURCES_INSTRUCTIONS)
-    assert '<source id="1" title="Returns" section="Policy">\nReturn within 30 days.\n</source>' in system
-    assert '<source id="2" title="Manual &quot;X&quot; &lt;v2&gt;" page="4">' in system
-    # A passage cannot close its own block: the only closing tags are the engine's.
-    assert system.count("</source>") == 2
-    assert "</ source>leak" in system
-    assert messages[1:] == [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "Can I return it?"},
-    ]
+    assert f"<{tag} id=" in system  # the model is told this turn's tag
+    assert messages[3]["role"] == "user"
+    assert f'<{tag} id="1" title="Returns" section="Policy">\nReturn within 30 days.\n</{tag}>' in sources
+    assert f'<{tag} id="2" title="Manual &quot;X&quot; &lt;v2&gt;" page="4">' in sources
+    # A passage cannot close its own block: its markup is escaped, the only closing tags are the engine's.
+    assert sources.count(f"</{tag}>") == 2
+    assert "&lt;/source&gt;leak" in sources
+    assert messages[1:3] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert messages[4] == {"role": "user", "content": "Can I return it?"}
 
 
 def test_no_sources_no_source_block():
