@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -349,8 +350,22 @@ PARLEY_OUTBOUND_ALLOWLIST = env.list(
     "PARLEY_OUTBOUND_ALLOWLIST", default=[] if IS_PRODUCTION else ["127.0.0.0/8", "::1/128", "localhost"]
 )
 
-# Secret mixed into API-key hashes so that a leaked table alone cannot be used offline.
-PARLEY_API_KEY_PEPPER = env.str("PARLEY_API_KEY_PEPPER", default=SECRET_KEY)
+# Secret mixed into API-key hashes so that a leaked table alone cannot be used offline. Its own
+# setting in production: rotating a leaked SECRET_KEY must not silently invalidate every API key.
+MIN_API_KEY_PEPPER_LENGTH = 32
+if IS_PRODUCTION:
+    PARLEY_API_KEY_PEPPER = env.str("PARLEY_API_KEY_PEPPER", default="")
+    if len(PARLEY_API_KEY_PEPPER) < MIN_API_KEY_PEPPER_LENGTH or PARLEY_API_KEY_PEPPER == SECRET_KEY:
+        raise ImproperlyConfigured(
+            f"PARLEY_API_KEY_PEPPER must be set in production: at least {MIN_API_KEY_PEPPER_LENGTH} characters, "
+            "and not DJANGO_SECRET_KEY (see docs/security.md)."
+        )
+else:
+    # Tests use a pepper of their own, so that processes they start with production settings pass
+    # the check above; development keeps the secret key, which its stored demo keys were made with.
+    PARLEY_API_KEY_PEPPER = env.str(
+        "PARLEY_API_KEY_PEPPER", default="parley-test-pepper-not-the-secret-key-0123456789" if IS_TEST else SECRET_KEY
+    )
 PARLEY_RESOLUTION_CACHE_SECONDS = env.int("PARLEY_RESOLUTION_CACHE_SECONDS", default=300)
 # POST /v1/chat/completions with an API key served at the ASGI edge, before Django
 # (chat.transports.openai_edge); False sends it through Django's view like every other request.
