@@ -300,8 +300,10 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
-# Login throttling: failures counted in Redis (no table), per username+IP.
-AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+# Login throttling: failures counted in Redis (no table), per username+IP, and per IP across
+# usernames with a higher limit (credential stuffing; tenants/login_throttle.py).
+AXES_HANDLER = "tenants.login_throttle.AddressAwareAxesHandler"
+PARLEY_LOGIN_ADDRESS_FAILURE_LIMIT = env.int("PARLEY_LOGIN_ADDRESS_FAILURE_LIMIT", default=20)
 AXES_FAILURE_LIMIT = env.int("PARLEY_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("PARLEY_LOGIN_COOLOFF_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
