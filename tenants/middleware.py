@@ -23,6 +23,7 @@ from tenants.redis import REDIS_UNAVAILABLE
 from tenants.resolution import (
     ApiKeyRecord,
     bot_public_id_from_path,
+    is_bot_public_id,
     public_tenant,
     tenant_and_key_resolve,
     tenant_hostname,
@@ -125,7 +126,11 @@ class TenantResolutionMiddleware:
 
     @staticmethod
     def _bot_public_id(request: HttpRequest) -> str | None:
-        return bot_public_id_from_path(request.path) or request.headers.get("X-Parley-Bot") or None
+        from_path = bot_public_id_from_path(request.path)
+        if from_path:
+            return from_path
+        header = request.headers.get("X-Parley-Bot") or ""
+        return header if is_bot_public_id(header) else None  # a malformed id is never looked up
 
 
 class TenantMembershipMiddleware:

@@ -30,6 +30,10 @@ _TENANT_FIELDS = ("id", "schema_name", "slug", "name", "status", "plan_id")
 
 
 _BOT_PATH = re.compile(r"^/(?:api/v1/widget|ws)/bots/(?P<public_id>[A-Za-z0-9_-]{4,40})/")
+_BOT_PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{4,40}")
+# A DNS host name (RFC 1123 labels, 253 characters at most): anything else names no tenant and is
+# never looked up — the ASGI and WebSocket edges read Host without Django's validation.
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 def tenant_hostname(host: str) -> str | None:
@@ -38,9 +42,14 @@ def tenant_hostname(host: str) -> str | None:
     if not host or host.startswith("["):  # empty, or an IPv6 literal
         return None
     host = host.rsplit(":", 1)[0].lower().removeprefix("www.")
-    if host == settings.PARLEY_BASE_DOMAIN or host.replace(".", "").isdigit():
+    if host == settings.PARLEY_BASE_DOMAIN or host.replace(".", "").isdigit() or not _HOSTNAME.fullmatch(host):
         return None
     return host
+
+
+def is_bot_public_id(value: str) -> bool:
+    """Whether ``value`` could be a widget bot's public id (checked before any lookup of it)."""
+    return _BOT_PUBLIC_ID.fullmatch(value) is not None
 
 
 def bot_public_id_from_path(path: str) -> str | None:

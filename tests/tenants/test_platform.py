@@ -27,6 +27,9 @@ def test_healthz_on_every_host(client, tenant_pair, host):
 
 
 def test_readyz_reports_database_and_redis(client):
+    from tenants import health
+
+    health.readiness_cache_clear()
     response = client.get("/readyz")
 
     body = response.json()
@@ -40,6 +43,7 @@ def test_readyz_unavailable_when_redis_down(client, monkeypatch):
 
     from tenants import health
 
+    health.readiness_cache_clear()  # the probe's answer is reused for a second
     monkeypatch.setattr(health, "get_redis", lambda: redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
 
     response = client.get("/readyz")
