@@ -271,6 +271,12 @@ KNOWLEDGE_MAX_PAGES = env.int("KNOWLEDGE_MAX_PAGES", default=5000)
 KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", default=20.0)
 # "host:port" pairs a URL document may point to although they are not public (intranet sources).
 KNOWLEDGE_FETCH_ALLOWED_HOSTS = env.list("KNOWLEDGE_FETCH_ALLOWED_HOSTS", default=[])
+# One ingestion's time limits: at the soft one the document fails (a crafted file would only hit it
+# again), at the hard one the worker process is killed. Above a large PDF's honest processing time.
+KNOWLEDGE_INGEST_SOFT_TIME_LIMIT_SECONDS = env.int("KNOWLEDGE_INGEST_SOFT_TIME_LIMIT_SECONDS", default=600)
+KNOWLEDGE_INGEST_TIME_LIMIT_SECONDS = env.int(
+    "KNOWLEDGE_INGEST_TIME_LIMIT_SECONDS", default=KNOWLEDGE_INGEST_SOFT_TIME_LIMIT_SECONDS + 60
+)
 # A document with no heartbeat for this long while queued/processing is handed to another worker.
 KNOWLEDGE_STALLED_SECONDS = env.int("KNOWLEDGE_STALLED_SECONDS", default=300)
 # HNSW candidate list size for retrieval (recall vs latency; see the retrieval benchmark).
