@@ -21,6 +21,7 @@ from tenants.config_epoch import config_changed
 from tenants.connection import connection
 from tenants.errors import ValidationFailed
 from tenants.models import PublicBot
+from tenants.outbound import OutboundRefused, validate_outbound_url
 from tenants.resolution import public_bot_cache_invalidate
 from tenants.services import public_bot_register
 
@@ -114,8 +115,20 @@ def route_secrets_restored(route: Any, previous: dict | None) -> Any:
 
 
 def validate_provider_route(route: Any) -> dict:
-    """The provider registry's own validation, so that what is saved is what can be built."""
-    return validate_route_config(route, param_prefix="provider_route")
+    """The provider registry's own validation, so that what is saved is what can be built; and,
+    being saved, every URL's host looked up: one that resolves to an internal address is refused
+    now rather than only when a turn connects (tenants.outbound)."""
+    cleaned = validate_route_config(route, param_prefix="provider_route")
+    for index, target in enumerate(cleaned["targets"]):
+        urls = [("base_url", target["base_url"])] if "base_url" in target else []
+        urls += [(f"endpoints.{number}", url) for number, url in enumerate(target.get("endpoints", []))]
+        for field_name, url in urls:
+            try:
+                validate_outbound_url(url, resolve=True)
+            except OutboundRefused as error:
+                param = f"provider_route.targets.{index}.{field_name}"
+                raise ValidationFailed(f"{param}: {error}", param=param) from None
+    return cleaned
 
 
 def validate_generation(generation: Any) -> dict:

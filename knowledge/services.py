@@ -31,6 +31,7 @@ from knowledge.models import Chunk, Document, DocumentContent, KnowledgeBase
 from knowledge.reranking import validate_reranker_config
 from tenants.config_epoch import config_changed
 from tenants.errors import Conflict, ParleyError, ValidationFailed
+from tenants.outbound import OutboundRefused, validate_outbound_url
 
 logger = structlog.get_logger(__name__)
 
@@ -90,14 +91,25 @@ def knowledge_base_create(
 ) -> KnowledgeBase:
     if not name.strip():
         raise ValidationFailed("Knowledge base name must not be empty.", param="name")
-    config = validate_embedder_config(embedder if embedder is not None else {"kind": "local"})
+    config = _resolved(validate_embedder_config(embedder if embedder is not None else {"kind": "local"}), "embedder")
     return KnowledgeBase.objects.create(
         name=name.strip()[:200],
         description=description,
         embedder=config,
         dimensions=embedder_dimensions(config),
-        reranker=validate_reranker_config(reranker or {}),
+        reranker=_resolved(validate_reranker_config(reranker or {}), "reranker"),
     )
+
+
+def _resolved(config: dict, param: str) -> dict:
+    """``config`` (validated offline) once its base URL's host is looked up too: being saved, a
+    name that resolves to an internal address is refused now (tenants.outbound)."""
+    if config.get("base_url"):
+        try:
+            validate_outbound_url(config["base_url"], resolve=True)
+        except OutboundRefused as error:
+            raise ValidationFailed(f"{param}: 'base_url' {error}", param=param) from None
+    return config
 
 
 def knowledge_base_update(
@@ -112,7 +124,7 @@ def knowledge_base_update(
     then re-embedded in the background (full-text search keeps serving them meanwhile; vector search
     covers each as it is redone)."""
     if reranker is not None:
-        knowledge_base.reranker = validate_reranker_config(reranker)
+        knowledge_base.reranker = _resolved(validate_reranker_config(reranker), "reranker")
         knowledge_base.version = F("version") + 1  # answers cached under the old order are stale
     if name is not None:
         if not name.strip():
@@ -122,7 +134,7 @@ def knowledge_base_update(
         knowledge_base.description = description
     reembed = False
     if embedder is not None:
-        config = validate_embedder_config(embedder)
+        config = _resolved(validate_embedder_config(embedder), "embedder")
         if config != knowledge_base.embedder:
             knowledge_base.embedder = config
             knowledge_base.dimensions = embedder_dimensions(config)

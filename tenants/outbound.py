@@ -188,12 +188,13 @@ def _check_all(host: str, addresses: list[IPAddress]) -> None:
 # Checking a URL when it is configured
 
 
-def validate_outbound_url(url: object, *, resolve: bool = True) -> str:
+def validate_outbound_url(url: object, *, resolve: bool = False) -> str:
     """``url`` stripped of surrounding space and trailing slashes, if a tenant may configure it as
     a base URL; :class:`OutboundRefused` with a message for the tenant if not.
 
-    ``resolve``: also look the host name up (a name that does not resolve here passes; the
-    connection checks it again in any case)."""
+    Offline by default (registries validate stored configurations on every use). ``resolve``:
+    also look the host name up — for the services that save a configuration (a name that does not
+    resolve here passes; the connection checks it again in any case)."""
     if not isinstance(url, str) or not url.strip():
         raise OutboundRefused("must be an http(s) URL.")
     url = url.strip()

@@ -162,3 +162,44 @@ async def test_redirect_to_internal_address_refused(settings, mock_llm, redirect
         await provider.aclose()
 
     assert mock_llm.count() == 0
+
+
+@pytest.fixture
+def metadata_name(monkeypatch):
+    """A public-looking host name whose DNS answer is the cloud metadata address."""
+    import socket
+
+    real = socket.getaddrinfo
+    looked_up: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "models.evil.example":
+            looked_up.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 443))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+@pytest.mark.django_db
+def test_saving_a_route_whose_name_resolves_internally_is_refused(nothing_allowed, metadata_name, tenant_pair):
+    from django_tenants.utils import tenant_context
+
+    from chat.models import Bot
+    from chat.services import bot_create
+
+    route = _openai_route("https://models.evil.example/v1")
+    with tenant_context(tenant_pair.a), pytest.raises(ValidationFailed) as refused:
+        bot_create(name="Evil", provider_route=route)
+
+    assert refused.value.param == "provider_route.targets.0.base_url"
+    with tenant_context(tenant_pair.a):
+        assert not Bot.objects.filter(name="Evil").exists()
+
+
+def test_registry_validation_stays_offline(nothing_allowed, metadata_name):
+    # Stored routes are validated on every build: no DNS there (the connection checks the name).
+    validate_route_config(_openai_route("https://models.evil.example/v1"))
+
+    assert metadata_name == []

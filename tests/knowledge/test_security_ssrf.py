@@ -48,3 +48,36 @@ def test_reranker_connection_to_internal_address_refused(nothing_allowed, mock_l
 
     with pytest.raises(RerankError):
         rerank_scores(config=config, query="q", passages=["a", "b"])
+
+
+@pytest.mark.django_db
+def test_saving_an_embedder_or_reranker_whose_name_resolves_internally_is_refused(
+    nothing_allowed, monkeypatch, tenant_pair
+):
+    import socket
+
+    from django_tenants.utils import tenant_context
+
+    from knowledge.models import KnowledgeBase
+    from knowledge.services import knowledge_base_create
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "embed.evil.example":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fd00:ec2::254", 443, 0, 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    url = "https://embed.evil.example/v1"
+    embedder_config = {"kind": "openai", "base_url": url, "model": "m", "dimensions": 384}
+
+    with tenant_context(tenant_pair.a):
+        with pytest.raises(ValidationFailed) as embedder:
+            knowledge_base_create(name="e", embedder=embedder_config)
+        with pytest.raises(ValidationFailed) as reranker:
+            knowledge_base_create(name="r", reranker={"kind": "http", "base_url": url, "model": "m"})
+        assert not KnowledgeBase.objects.filter(name__in=["e", "r"]).exists()
+
+    assert embedder.value.param == "embedder"
+    assert reranker.value.param == "reranker"
