@@ -175,6 +175,8 @@ def parley_environment() -> dict[str, str]:
         "PARLEY_ENV": "production",
         "DJANGO_SECRET_KEY": settings.SECRET_KEY,
         "PARLEY_API_KEY_PEPPER": settings.PARLEY_API_KEY_PEPPER,
+        # The mock model runs on loopback: allowed the way an operator allows a self-hosted server.
+        "PARLEY_OUTBOUND_ALLOWLIST": "127.0.0.0/8,::1/128,localhost",
         "DATABASE_URL": test_database_url(),
         "REDIS_URL": settings.REDIS_URL,
         "PYTHONUNBUFFERED": "1",
