@@ -216,6 +216,7 @@ _contents = st.one_of(
     max_examples=12,
     deadline=None,
     derandomize=True,  # the same inputs every run: a failure here is reproducible
+    database=None,  # nothing written to the working tree
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(content=_contents)
