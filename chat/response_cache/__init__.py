@@ -21,7 +21,7 @@ expiry lets one atomic script drop expired entries and evict past the caps.
 # What the web side needs (keys, the exact layer, settings) imports no numpy and no model: the
 # layers that do (``lookup``, ``storage``: the semantic layer) are imported by the worker from
 # their modules.
-from chat.response_cache.exact import exact_answer, exact_entry_key, exact_lookup
+from chat.response_cache.exact import exact_answer, exact_entry_key
 from chat.response_cache.keys import CachedAnswer, CacheScope, exact_key, generation_digest
 from chat.response_cache.settings import CACHE_SETTINGS_DEFAULTS, cache_settings_validate, is_cacheable
 
@@ -33,7 +33,6 @@ __all__ = [
     "exact_answer",
     "exact_entry_key",
     "exact_key",
-    "exact_lookup",
     "generation_digest",
     "is_cacheable",
 ]

@@ -22,16 +22,9 @@ def answer_from_payload(payload: bytes | str, *, layer: str, similarity: float |
     )
 
 
-def exact_lookup(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any], redis) -> CachedAnswer | None:
-    """The exact layer alone, for synchronous callers (the web edge answers exact hits itself):
-    one GET. Counts a lookup only on a hit; a miss is looked up again, and counted, by the worker."""
-    key = exact_entry_key(scope, exact=exact, cache_settings=cache_settings)
-    return None if key is None else exact_answer(scope, redis.get(key))
-
-
 def exact_entry_key(scope: CacheScope, *, exact: str, cache_settings: dict[str, Any]) -> str | None:
     """The exact layer's key for a request, for a caller that GETs it in a round trip of its own
-    making (the edge's admission); None when the bot's cache is off."""
+    making (the door's admission, chat.turn_core); None when the bot's cache is off."""
     if not resolved_settings(cache_settings)["enabled"]:
         return None
     return _prefix(scope.schema_name) + _exact_member(exact)
