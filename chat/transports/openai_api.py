@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from asgiref.sync import async_to_sync
@@ -31,19 +30,11 @@ from tenants.api_base import StrictSerializer, TenantAPIView
 
 
 class ChatMessageSerializer(serializers.Serializer):
-    role = serializers.ChoiceField(choices=ROLES)
-    content = serializers.JSONField()
-    name = serializers.CharField(required=False, max_length=64)
+    """Documents one message of the request (validated by chat.turn_input, like the request)."""
 
-    def validate_content(self, value: Any) -> str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(
-            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            for part in value
-        ):
-            return "".join(part["text"] for part in value)
-        raise serializers.ValidationError("Must be a string or a list of text parts.")
+    role = serializers.ChoiceField(choices=ROLES)
+    content = serializers.JSONField(help_text="A string, or a list of text parts ({type: text, text}).")
+    name = serializers.CharField(required=False, max_length=64)
 
 
 class ChatCompletionInputSerializer(StrictSerializer):
