@@ -319,14 +319,7 @@ def guarded_transport(*, verify: typing.Any = True, limits: typing.Any = None, l
     client_library, core = _flavour(library)
     limits = limits or client_library.Limits(max_connections=100, max_keepalive_connections=20)
     transport = client_library.HTTPTransport(verify=verify, trust_env=False, limits=limits)
-    transport._pool = core.ConnectionPool(
-        ssl_context=transport._pool._ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=_GuardedSyncBackend(core),
-    )
-    return transport
+    return _on_guarded_pool(transport, core.ConnectionPool, _GuardedSyncBackend(core), limits)
 
 
 def guarded_async_transport(
@@ -336,12 +329,18 @@ def guarded_async_transport(
     client_library, core = _flavour(library)
     limits = limits or client_library.Limits(max_connections=1000, max_keepalive_connections=100)
     transport = client_library.AsyncHTTPTransport(verify=verify, trust_env=False, limits=limits)
-    transport._pool = core.AsyncConnectionPool(
+    return _on_guarded_pool(transport, core.AsyncConnectionPool, _GuardedAsyncBackend(core), limits)
+
+
+def _on_guarded_pool(
+    transport: typing.Any, pool_class: typing.Any, backend: typing.Any, limits: typing.Any
+) -> typing.Any:
+    transport._pool = pool_class(
         ssl_context=transport._pool._ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
-        network_backend=_GuardedAsyncBackend(core),
+        network_backend=backend,
     )
     return transport
 
