@@ -278,6 +278,18 @@ class MockServer:
         finally:
             state.in_flight -= 1
 
+    async def _fault_then_wait(self, request: web.Request, latency: float) -> web.StreamResponse | None:
+        """For a non-chat endpoint: the next configured fault's response (if it answers early),
+        else the endpoint's latency, then None."""
+        fault = self.state.take_fault()
+        if fault != "none":
+            early = await self._early_fault(request, fault, self.state.config, [])
+            if early is not None:
+                return early
+        if latency:
+            await asyncio.sleep(latency)
+        return None
+
     async def _early_fault(
         self, request: web.Request, fault: str, config: MockConfig, messages: list[Any]
     ) -> web.StreamResponse | None:
@@ -376,13 +388,9 @@ class MockServer:
                 400, "input must be a string or a non-empty list of strings.", error_type="invalid_request_error"
             )
         config = self.state.config
-        fault = self.state.take_fault()
-        if fault != "none":
-            early = await self._early_fault(request, fault, config, [])
-            if early is not None:
-                return early
-        if config.embedding_latency:
-            await asyncio.sleep(config.embedding_latency)
+        early = await self._fault_then_wait(request, config.embedding_latency)
+        if early is not None:
+            return early
         dimensions = int(body.get("dimensions") or config.embedding_dimensions)
         as_base64 = body.get("encoding_format") == "base64"
         data = []
@@ -415,13 +423,9 @@ class MockServer:
                 400, "query must be a string and documents a list of strings.", error_type="invalid_request_error"
             )
         config = self.state.config
-        fault = self.state.take_fault()
-        if fault != "none":
-            early = await self._early_fault(request, fault, config, [])
-            if early is not None:
-                return early
-        if config.rerank_latency:
-            await asyncio.sleep(config.rerank_latency)
+        early = await self._fault_then_wait(request, config.rerank_latency)
+        if early is not None:
+            return early
         words = set(_PROMPT_PIECE.findall(query.lower()))
         scores = [len(words & set(_PROMPT_PIECE.findall(text.lower()))) / max(1, len(words)) for text in texts]
         order = sorted(range(len(texts)), key=lambda index: (-scores[index], index))[: body.get("top_n") or len(texts)]
