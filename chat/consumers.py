@@ -35,7 +35,6 @@ from chat.selectors import EndUser
 from chat.streams import parse_last_event_id
 from chat.transports.hub import follow
 from chat.turn_core import ConversationRef, ConversationTurn, turn_begin
-from chat.turn_input import conversation_title
 from chat.widget import VisitorToken, origin_allowed, origin_normalise, visitor_token_verify
 from tenants.channels import tenant_database_sync_to_async, tenant_of_scope
 from tenants.errors import AuthenticationFailed, NotFound, ParleyError, TenantSuspended, ValidationFailed
@@ -49,7 +48,7 @@ CLOSE_NOT_FOUND = 4404
 class BotConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.relays: dict[str, asyncio.Task] = {}
-        self.conversations: dict[str, ConversationRef] = {}  # started on this socket, maybe not stored yet
+        self.started: dict[str, ConversationRef] = {}  # conversations this socket started into
         self.headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self.scope["headers"]
         }
@@ -135,26 +134,27 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None:
             if not isinstance(conversation_id, str):
                 raise ValidationFailed("conversation_id must be a string.", param="conversation_id")
-            conversation = self.conversations.get(conversation_id) or await self._conversation(
-                conversation_id, caller.end_user
-            )
+            conversation = await self._conversation(conversation_id, caller.end_user)
         body = {key: value for key, value in content.items() if key not in ("type", "conversation_id")}
         turn = ConversationTurn(
             bot_public_id=self.bot.public_id, body=body, conversation=conversation, always_streams=True
         )
         started = await turn_begin(caller, turn)
-        if conversation is None:
-            self.conversations[started.conversation_id] = ConversationRef(
-                id=started.conversation_id,
-                bot_id=self.bot.pk,
-                end_user_kind=caller.end_user.kind,
-                end_user_id=caller.end_user.id[:200],
-                title=conversation_title(started.user_record["content"]),
-                summary="",
-                summary_until_ts=0,
-                is_empty=False,
-            )
+        self.started[started.conversation_id] = started.conversation
         self._relay(started.generation_id, started.stream_key, "0-0")
+
+    async def _conversation(self, conversation_id: str, end_user: EndUser) -> ConversationRef:
+        """The stored conversation (its summary as it stands now), or one this socket started
+        whose row the batch writer has not written yet (within a second or so)."""
+        try:
+            stored = await self._stored_conversation(conversation_id, end_user)
+        except NotFound:
+            started = self.started.get(conversation_id)
+            if started is None:
+                raise
+            return started
+        self.started.pop(conversation_id, None)  # stored now: PostgreSQL has it from here on
+        return stored
 
     async def _on_cancel(self, content: dict) -> None:
         await self._cancel(str(content.get("generation_id", "")), (await self._caller()).end_user)
@@ -182,7 +182,7 @@ class BotConsumer(AsyncJsonWebsocketConsumer):
         return Bot.objects.filter(public_id=public_id).first()
 
     @tenant_database_sync_to_async
-    def _conversation(self, conversation_id: str, end_user: EndUser) -> ConversationRef:
+    def _stored_conversation(self, conversation_id: str, end_user: EndUser) -> ConversationRef:
         conversation = selectors.conversation_get(conversation_id=conversation_id, end_user=end_user)
         if conversation.bot_id != self.bot.pk:
             raise NotFound("No such conversation.", param="conversation_id")

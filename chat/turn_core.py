@@ -137,7 +137,7 @@ class Delivery:
 @dataclass(frozen=True, slots=True)
 class StartedTurn:
     generation_id: str
-    conversation_id: str
+    conversation: ConversationRef  # the turn's conversation as it stands now (its row may be queued still)
     stream_key: str
     bot: BotSnapshot
     caller: TurnCaller  # as finally resolved (the fast path may have authenticated in full)
@@ -151,6 +151,10 @@ class StartedTurn:
     @property
     def is_streamed(self) -> bool:
         return self.input.is_streamed
+
+    @property
+    def conversation_id(self) -> str:
+        return self.conversation.id
 
 
 # --- the door -----------------------------------------------------------------------------------
@@ -247,7 +251,7 @@ class _PreparedTurn:
     records: list[dict[str, Any]]
     conversation_row: dict[str, Any] | None  # for the batch writer: a new conversation, or a title
     is_new_conversation: bool
-    owner: dict[str, str]
+    conversation: ConversationRef  # as it will stand once the turn's writes land
     lookup: tuple[response_cache.CacheScope, str] | None  # the exact cache entry to read
     started_at: float = 0.0
     outcome: TurnOutcome | None = None
@@ -301,8 +305,18 @@ async def _prepare(
     ]
     records[-1]["generation_id"] = delivery.generation_id
     user_record = records[-1]
+    title = conversation_title(user_record["content"])
     if conversation is None:  # a new conversation: its row goes to the batch writer with its messages
-        end_user_kind, end_user_id = caller.end_user.kind, caller.end_user.id
+        after = ConversationRef(
+            id=conversation_id,
+            bot_id=bot.pk,
+            end_user_kind=caller.end_user.kind,
+            end_user_id=caller.end_user.id[:200],
+            title=title,
+            summary="",
+            summary_until_ts=0,
+            is_empty=False,
+        )
         context = TurnContext(
             bot_id=bot.pk,
             epoch=epoch.decode(),
@@ -311,7 +325,7 @@ async def _prepare(
             inbox_events=delivery.inbox is not None,
         )
     else:
-        end_user_kind, end_user_id = conversation.end_user_kind, conversation.end_user_id
+        after = dataclasses.replace(conversation, title=conversation.title or title, is_empty=False)
         context = TurnContext(
             bot_id=bot.pk,
             summary=conversation.summary,
@@ -324,9 +338,9 @@ async def _prepare(
         row = persistence.conversation_record(
             conversation_id=conversation_id,
             bot_id=bot.pk,
-            end_user_kind=end_user_kind,
-            end_user_id=end_user_id,
-            title=conversation_title(user_record["content"]),
+            end_user_kind=after.end_user_kind,
+            end_user_id=after.end_user_id,
+            title=title,
             ts=ts,
         )
     prompt_chars = sum(len(message.content) for message in messages) + len(bot.system_prompt) + SOURCES_CHARS_ESTIMATE
@@ -356,7 +370,7 @@ async def _prepare(
         records=records,
         conversation_row=row,
         is_new_conversation=conversation is None or conversation.is_empty,
-        owner={"conversation_id": conversation_id, "end_user_kind": end_user_kind, "end_user_id": end_user_id[:200]},
+        conversation=after,
         lookup=None,
     )
     # The door answers an exact hit itself when it holds the history the key covers: a new or
@@ -457,6 +471,15 @@ async def _start(
     return await _started(prepared, replies, admission, redis)
 
 
+def _owner(conversation: ConversationRef) -> dict[str, str]:
+    """Who may follow or cancel the generation (chat.turns.generation_get_for)."""
+    return {
+        "conversation_id": conversation.id,
+        "end_user_kind": conversation.end_user_kind,
+        "end_user_id": conversation.end_user_id[:200],
+    }
+
+
 def _queue_writes(
     pipe, prepared: _PreparedTurn, *, hit: response_cache.CachedAnswer | None = None, first: int = 0
 ) -> None:
@@ -476,7 +499,9 @@ def _queue_writes(
     )
     stream_key = prepared.stream_key
     pipe.set(
-        generation_owner_key(job.schema_name, job.generation_id), orjson.dumps(prepared.owner), ex=STREAM_TTL_SECONDS
+        generation_owner_key(job.schema_name, job.generation_id),
+        orjson.dumps(_owner(prepared.conversation)),
+        ex=STREAM_TTL_SECONDS,
     )
     prepared.created_reply = len(pipe) - first
     created = {
@@ -523,7 +548,7 @@ async def _started(prepared: _PreparedTurn, replies: list, admission: Admission,
             logger.exception("cache_hit_settle_failed", generation_id=job.generation_id)
     return StartedTurn(
         generation_id=job.generation_id,
-        conversation_id=job.conversation_id,
+        conversation=prepared.conversation,
         stream_key=prepared.stream_key,
         bot=prepared.bot,
         caller=prepared.caller,

@@ -269,3 +269,42 @@ async def test_an_admin_key_reaches_any_end_users_conversation_over_websocket(wo
     assert frames[0]["data"]["conversation_id"] == conversation_id
     assert frames[-1]["type"] == "done"
     await communicator.disconnect()
+
+
+async def test_a_socket_continues_the_conversation_it_started_before_and_after_it_is_stored(
+    worker, widget_bot, django_db_blocker
+):
+    """A new conversation's row reaches PostgreSQL with the batch writer: the socket that started it
+    continues it at once (its own record of it), and from PostgreSQL once it is stored."""
+    from asgiref.sync import sync_to_async
+
+    from chat.memory.persistence import messages_flush
+    from chat.models import Message
+
+    communicator = _communicator(widget_bot["bot"].public_id, token=widget_bot["token"])
+    assert (await communicator.connect(timeout=10))[0]
+    await communicator.send_json_to({"type": "message", "content": "How are refunds paid?"})
+    first = await _until_terminal(communicator)
+    conversation_id = first[0]["data"]["conversation_id"]
+    await communicator.send_json_to({"type": "message", "content": "And returns?", "conversation_id": conversation_id})
+    before_stored = await _until_terminal(communicator)
+    with django_db_blocker.unblock():
+        await sync_to_async(messages_flush)()
+    await communicator.send_json_to({"type": "message", "content": "Thanks!", "conversation_id": conversation_id})
+    after_stored = await _until_terminal(communicator)
+    await communicator.disconnect()
+
+    def stored_questions():
+        messages_flush()
+        with tenant_context(widget_bot["tenant"]):
+            return list(
+                Message.objects.filter(conversation_id=conversation_id, role="user")
+                .order_by("created_at")
+                .values_list("content", flat=True)
+            )
+
+    with django_db_blocker.unblock():
+        questions = await sync_to_async(stored_questions)()
+    assert [frames[-1]["type"] for frames in (first, before_stored, after_stored)] == ["done"] * 3
+    assert before_stored[0]["data"]["conversation_id"] == after_stored[0]["data"]["conversation_id"] == conversation_id
+    assert questions == ["How are refunds paid?", "And returns?", "Thanks!"]
